@@ -1,0 +1,118 @@
+"""Emit events and learn which ones the Prefect server has really stored.
+
+The server acknowledges an event before it is durable (it is queued in memory
+and persisted in batches), so the only proof of storage is reading it back by
+id. Sources acknowledge their input (a Pub/Sub message, a file) only for ids
+this module reports as stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from types import TracebackType
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.events import Event
+from prefect.events.clients import EventsClient, get_events_client
+from prefect.events.filters import EventFilter, EventIDFilter, EventOccurredFilter
+
+log = logging.getLogger(__name__)
+
+# The events API answers at most this many events per page.
+READ_BATCH = 50
+
+
+class EventDelivery:
+    """One events connection plus one API client, reused for every batch."""
+
+    def __init__(self, confirm_poll_seconds: float = 0.5) -> None:
+        self._poll = confirm_poll_seconds
+        self._events: EventsClient | None = None
+        self._api: PrefectClient | None = None
+
+    async def __aenter__(self) -> EventDelivery:
+        self._api = get_client()
+        await self._api.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close_events()
+        if self._api is not None:
+            await self._api.__aexit__(exc_type, exc, tb)
+            self._api = None
+
+    async def _close_events(self) -> None:
+        if self._events is not None:
+            try:
+                await self._events.__aexit__(None, None, None)
+            except Exception:  # the connection is being discarded anyway
+                log.debug("closing the events client failed", exc_info=True)
+            self._events = None
+
+    async def emit(self, events: Iterable[Event]) -> None:
+        """Send events; a broken connection is dropped so the next call reconnects."""
+        try:
+            if self._events is None:
+                client = get_events_client()
+                await client.__aenter__()
+                self._events = client
+            for event in events:
+                await self._events.emit(event)
+        except Exception:
+            await self._close_events()
+            raise
+
+    async def stored(self, events: list[Event]) -> set[UUID]:
+        """The ids among `events` that the server has persisted (read back, 50 at a time)."""
+        assert self._api is not None, "use EventDelivery as an async context manager"
+        found: set[UUID] = set()
+        for start in range(0, len(events), READ_BATCH):
+            batch = events[start : start + READ_BATCH]
+            since = min(e.occurred for e in batch) - timedelta(minutes=5)
+            until = max(e.occurred for e in batch) + timedelta(minutes=5)
+            page = await self._api.read_events(
+                filter=EventFilter(
+                    id=EventIDFilter(id=[e.id for e in batch]),
+                    occurred=EventOccurredFilter(since=since, until=until),
+                ),
+                limit=READ_BATCH,
+            )
+            found.update(e.id for e in page.events)
+        return found
+
+    async def deliver(self, events: list[Event], timeout: float) -> set[UUID]:
+        """Emit `events` and wait up to `timeout` seconds until they are stored.
+
+        Returns the ids confirmed as stored; the caller must not acknowledge the
+        source of any other event.
+        """
+        if not events:
+            return set()
+        await self.emit(events)
+        return await self.confirm(events, timeout)
+
+    async def confirm(self, events: list[Event], timeout: float) -> set[UUID]:
+        """Poll the events API until every event is stored or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        pending = list(events)
+        confirmed: set[UUID] = set()
+        while pending:
+            try:
+                confirmed |= await self.stored(pending)
+            except Exception as exc:  # API down: keep waiting until the deadline
+                log.warning("reading events back failed: %s", exc)
+            pending = [e for e in pending if e.id not in confirmed]
+            if not pending or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(self._poll)
+        return confirmed

@@ -1,0 +1,115 @@
+"""The event contract: names, ids, resources and labels of every pipeline event.
+
+Bridge, flows and automations all build or match events through this module,
+so a label renamed here is renamed everywhere.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect.events import Event, RelatedResource, Resource
+
+from taxi_pipeline.objects import ObjectRef, dataset_of, stage_of
+
+# -- event names ---------------------------------------------------------------
+OBJECT_FINALIZED = "storage.object.finalized"
+DOWNLOAD_COMPLETED = "pipeline.download.completed"
+DOWNLOAD_SKIPPED = "pipeline.download.skipped"
+DOWNLOAD_FAILED = "pipeline.download.failed"
+TRANSFORM_COMPLETED = "pipeline.transform.completed"
+TRANSFORM_FAILED = "pipeline.transform.failed"
+LOAD_COMPLETED = "pipeline.load.completed"
+LOAD_FAILED = "pipeline.load.failed"
+OBJECT_QUARANTINED = "pipeline.object.quarantined"
+NOTIFICATION_REJECTED = "pipeline.notification.rejected"
+
+# -- resource labels -----------------------------------------------------------
+LABEL_BUCKET = "storage.bucket"
+LABEL_OBJECT = "storage.object"
+LABEL_GENERATION = "storage.generation"
+LABEL_STAGE = "pipeline.stage"
+LABEL_DATASET = "pipeline.dataset"
+LABEL_REEMIT = "pipeline.reemit"
+
+STAGE_RAW = "raw"
+STAGE_PROCESSED = "processed"
+
+# Namespace of the deterministic ids: a fixed random UUID, so ids never collide
+# with another system's uuid5 of the same strings.
+_OBJECT_EVENT_NAMESPACE = uuid.UUID("6f0c8f5e-6a43-4c1e-9d0b-2b7e1f6d2a91")
+
+
+def object_event_id(bucket: str, name: str, generation: int) -> uuid.UUID:
+    """Same object generation, same id: a redelivered notification dedupes on the server."""
+    return uuid.uuid5(_OBJECT_EVENT_NAMESPACE, f"{bucket}\x00{name}\x00{generation}")
+
+
+def object_resource(obj: ObjectRef, prefixes: dict[str, str]) -> dict[str, str]:
+    """The resource of every event about `obj`: its URI plus labels automations match on."""
+    return {
+        "prefect.resource.id": obj.uri,
+        "prefect.resource.name": obj.basename,
+        LABEL_BUCKET: obj.bucket,
+        LABEL_OBJECT: obj.name,
+        LABEL_GENERATION: str(obj.generation),
+        LABEL_STAGE: stage_of(obj.name, prefixes),
+        LABEL_DATASET: dataset_of(obj.name),
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def object_finalized(
+    obj: ObjectRef,
+    prefixes: dict[str, str],
+    *,
+    message_id: str | None = None,
+    publish_time: datetime | None = None,
+    reemit: bool = False,
+) -> Event:
+    """`storage.object.finalized` for one object generation.
+
+    A notification gets the deterministic id; a re-emit gets a fresh id and the
+    `pipeline.reemit` label, because a re-emit means "process it again".
+    """
+    resource = object_resource(obj, prefixes)
+    if reemit:
+        resource[LABEL_REEMIT] = "true"
+    payload: dict[str, Any] = {
+        "size": obj.size,
+        "md5_hash": obj.md5_hash,
+        "crc32c": obj.crc32c,
+        "content_type": obj.content_type,
+        "created": _iso(obj.created),
+        "updated": _iso(obj.updated),
+        "message_id": message_id,
+        "publish_time": _iso(publish_time),
+    }
+    return Event(
+        id=uuid.uuid4() if reemit else object_event_id(obj.bucket, obj.name, obj.generation),
+        occurred=datetime.now(UTC),
+        event=OBJECT_FINALIZED,
+        resource=Resource(resource),
+        payload={k: v for k, v in payload.items() if v is not None},
+    )
+
+
+def object_role_resource(obj: ObjectRef, role: str, prefixes: dict[str, str]) -> dict[str, str]:
+    """`obj` as a related resource (the output object of a transform, say)."""
+    related = object_resource(obj, prefixes)
+    related["prefect.resource.role"] = role
+    return related
+
+
+def table_resource(table_uri: str) -> dict[str, str]:
+    """A warehouse table as a related resource (`duckdb:///path#trips`, `bigquery://p.d.t`)."""
+    return {"prefect.resource.id": table_uri, "prefect.resource.role": "table"}
+
+
+def related_resources(items: list[dict[str, str]]) -> list[RelatedResource]:
+    return [RelatedResource(item) for item in items]

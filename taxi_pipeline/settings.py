@@ -1,0 +1,123 @@
+"""One settings object for every process (CLI, bridge, flows, deploy).
+
+Values come from `TAXI_*` environment variables, then from a settings file
+(`TAXI_SETTINGS_FILE`, default `taxi-pipeline.env` in the working directory),
+then from the defaults below, which give the embedded `local` profile.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Profile = Literal["local", "emulator", "gcp"]
+
+
+def _default_home() -> Path:
+    return Path.home() / ".taxi-pipeline"
+
+
+class Settings(BaseSettings):
+    """Everything that differs between a laptop, the emulators and production."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TAXI_",
+        env_file=os.environ.get("TAXI_SETTINGS_FILE", "taxi-pipeline.env"),
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    profile: Profile = "local"
+    home: Path = Field(
+        default_factory=_default_home,
+        description="Working directory of the local profile: bucket, warehouse, Prefect data.",
+    )
+
+    # -- objects ---------------------------------------------------------------
+    bucket: str = Field(
+        default="",
+        description="GCS bucket name (emulator/gcp) or bucket directory (local; "
+        "default HOME/bucket).",
+    )
+    raw_prefix: str = "raw/"
+    processed_prefix: str = "processed/"
+    rejects_prefix: str = "rejects/"
+    quarantine_prefix: str = "quarantine/"
+
+    # -- local directory source --------------------------------------------------
+    settle_seconds: float = Field(
+        default=1.0,
+        description="A file must keep the same size and mtime this long before it is emitted.",
+    )
+    stall_seconds: float = Field(
+        default=30.0,
+        description="A .parquet file without its footer is emitted anyway after this long "
+        "unchanged (it will be quarantined as truncated).",
+    )
+    poll_seconds: float = 0.5
+
+    # -- warehouse ---------------------------------------------------------------
+    warehouse_path: Path | None = Field(
+        default=None, description="DuckDB file of the local profile (default HOME/warehouse.duckdb)."
+    )
+    table: str = "trips"
+    gcp_project: str = ""
+    bq_dataset: str = "taxi"
+    bq_location: str = "US"
+
+    # -- orchestration -----------------------------------------------------------
+    work_pool: str = ""
+    transform_deployment: str = "transform"
+    load_deployment: str = "load"
+    image: str = Field(default="", description="Flow image for the kubernetes work pool.")
+
+    # -- transform ---------------------------------------------------------------
+    batch_rows: int = Field(
+        default=262_144, ge=1_024, description="Rows per streamed batch (bounds memory)."
+    )
+
+    @model_validator(mode="after")
+    def _fill_profile_defaults(self) -> Settings:
+        self.home = self.home.expanduser().resolve()
+        if self.profile == "local" and not self.bucket:
+            self.bucket = str(self.home / "bucket")
+        if self.warehouse_path is None:
+            self.warehouse_path = self.home / "warehouse.duckdb"
+        if not self.work_pool:
+            self.work_pool = "taxi-kubernetes" if self.profile == "gcp" else "taxi-process"
+        for name in ("raw_prefix", "processed_prefix", "rejects_prefix", "quarantine_prefix"):
+            value = getattr(self, name)
+            if not value.endswith("/"):
+                setattr(self, name, value + "/")
+        return self
+
+    @property
+    def bucket_dir(self) -> Path:
+        """The directory standing in for the bucket in the local profile."""
+        return Path(self.bucket).expanduser().resolve()
+
+    @property
+    def warehouse_file(self) -> Path:
+        assert self.warehouse_path is not None  # filled by the validator
+        return self.warehouse_path
+
+    def require(self, *names: str) -> None:
+        """Fail early, naming the variables to set, when a profile lacks a value."""
+        missing = [n for n in names if not getattr(self, n)]
+        if missing:
+            variables = ", ".join(f"TAXI_{n.upper()}" for n in missing)
+            raise RuntimeError(
+                f"profile {self.profile!r} needs {variables}: set them in the environment "
+                f"or in the settings file (TAXI_SETTINGS_FILE)."
+            )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests call `get_settings.cache_clear()` after changing env."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Warehouses: a DuckDB file locally, BigQuery in the cloud profiles."""
