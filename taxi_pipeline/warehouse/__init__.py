@@ -1,1 +1,41 @@
 """Warehouses: a DuckDB file locally, BigQuery in the cloud profiles."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import pyarrow as pa
+
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.warehouse.base import LoadResult
+
+__all__ = ["LoadResult", "Warehouse", "warehouse_from_settings"]
+
+
+class Warehouse(Protocol):
+    def table_uri(self, table: str) -> str: ...
+
+    def load_object(
+        self,
+        *,
+        object_uri: str,
+        object_generation: int,
+        table: str,
+        schema: pa.Schema,
+        source_uri: str,
+        source_generation: int,
+    ) -> LoadResult:
+        """Replace the rows of `source_uri` in `table` with the object's rows, atomically."""
+        ...
+
+    def rows_for(self, table: str, source_uri: str) -> int | None: ...
+
+
+def warehouse_from_settings(settings: Settings) -> Warehouse:
+    if settings.profile == "local":
+        from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
+
+        return DuckDBWarehouse(settings.warehouse_file)
+    raise NotImplementedError(
+        f"profile {settings.profile!r} has no warehouse yet; use TAXI_PROFILE=local"
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from taxi_pipeline.objects import parse_uri
 from taxi_pipeline.warehouse.base import LoadResult
 
 LOAD_LOG = "_loads"
@@ -91,22 +92,24 @@ class DuckDBWarehouse:
             " PRIMARY KEY (table_name, source_uri))"
         )
 
-    def load_parquet(
+    def load_object(
         self,
         *,
-        path: Path,
+        object_uri: str,
+        object_generation: int,
         table: str,
         schema: pa.Schema,
         source_uri: str,
         source_generation: int,
-        object_uri: str,
-        object_generation: int,
     ) -> LoadResult:
         """Replace the rows of `source_uri` with the rows of the parquet file, atomically.
 
         Loading the same object generation again changes nothing; an older
         generation of the source than the one loaded is refused as superseded.
         """
+        scheme, _, local_path = parse_uri(object_uri)
+        if scheme != "file":
+            raise ValueError(f"the DuckDB warehouse loads file:// objects, not {object_uri!r}")
         columns = ", ".join(_quote(f.name) for f in schema)
         with self.connect() as con:
             self.ensure_table(con, table, schema)
@@ -136,7 +139,7 @@ class DuckDBWarehouse:
                 inserted_row = con.execute(
                     f"INSERT INTO {_quote(table)} ({columns}) "
                     f"SELECT {columns} FROM read_parquet(?)",
-                    [str(path)],
+                    [local_path],
                 ).fetchone()
                 inserted = int(inserted_row[0]) if inserted_row else 0
                 con.execute(

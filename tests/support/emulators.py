@@ -198,14 +198,31 @@ def _log_tail(log_path: Path) -> str:
 
 
 def _group_alive(pgid: int) -> bool:
-    """Return True while any process of the group ``pgid`` exists."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    """Return True while a live (non-zombie) process of the group ``pgid`` exists.
+
+    Zombies are ignored: orphans are reparented to PID 1, which may reap them late.
+    """
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():  # not Linux: fall back to signal 0 (counts zombies)
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+    for entry in proc_dir.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may contain spaces and parentheses.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def _stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:

@@ -1,0 +1,62 @@
+"""The pipeline's automations, as code.
+
+Triggers match on the event name and the `pipeline.stage` label only, never on
+a URI scheme, so the same automations serve the local, emulator and gcp
+profiles. One flow run per event: `for_each` on the object URI, threshold 1.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from prefect.automations import Automation
+from prefect.events.actions import RunDeployment
+from prefect.events.schemas.automations import EventTrigger, Posture
+
+from taxi_pipeline import events
+
+RAW_LANDED = "taxi-pipeline: raw object landed -> transform"
+PROCESSED_LANDED = "taxi-pipeline: processed object landed -> load"
+
+# `{{ event.id }}` must be piped through `string` or the action fails; labels are
+# read with .get() so an event without one still runs (generation 0 = "current").
+# A template that is only `{{ x }}` keeps x's type, so `| int` gives the flow an int.
+RUN_PARAMETERS: dict[str, Any] = {
+    "object_uri": "{{ event.resource.id }}",
+    "generation": "{{ event.resource.get('%s', 0) | int }}" % events.LABEL_GENERATION,
+    "event_id": "{{ event.id | string }}",
+}
+
+
+def object_landed_trigger(stage: str) -> EventTrigger:
+    """Fires once per `storage.object.finalized` event whose object is in `stage`."""
+    return EventTrigger(
+        expect={events.OBJECT_FINALIZED},
+        match={events.LABEL_STAGE: stage},
+        for_each={"prefect.resource.id"},
+        posture=Posture.Reactive,
+        threshold=1,
+        within=timedelta(0),
+    )
+
+
+def pipeline_automations(transform_deployment_id: UUID,
+                         load_deployment_id: UUID) -> list[Automation]:
+    return [
+        Automation(
+            name=RAW_LANDED,
+            description="Run the transform deployment for every new raw object generation.",
+            trigger=object_landed_trigger(events.STAGE_RAW),
+            actions=[RunDeployment(source="selected", deployment_id=transform_deployment_id,
+                                   parameters=dict(RUN_PARAMETERS))],
+        ),
+        Automation(
+            name=PROCESSED_LANDED,
+            description="Run the load deployment for every new processed object generation.",
+            trigger=object_landed_trigger(events.STAGE_PROCESSED),
+            actions=[RunDeployment(source="selected", deployment_id=load_deployment_id,
+                                   parameters=dict(RUN_PARAMETERS))],
+        ),
+    ]

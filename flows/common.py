@@ -1,0 +1,65 @@
+"""What the transform and load flows share: resolving the object, emitting events."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prefect.events import emit_event
+
+from taxi_pipeline import events
+from taxi_pipeline.objects import ObjectRef
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.storage import ObjectNotFound, ObjectStore
+
+
+def stage_prefixes(settings: Settings) -> dict[str, str]:
+    return {
+        events.STAGE_RAW: settings.raw_prefix,
+        events.STAGE_PROCESSED: settings.processed_prefix,
+        "rejects": settings.rejects_prefix,
+        "quarantine": settings.quarantine_prefix,
+    }
+
+
+def current_object(store: ObjectStore, uri: str, generation: int | None) -> tuple[
+        ObjectRef | None, str]:
+    """The object the event names, or None and why it is gone or superseded.
+
+    A newer generation means a newer event is on its way; that run does the work.
+    `generation` None or 0 means "whatever is current" (a hand-made event).
+    """
+    name = store.name_of(uri)
+    try:
+        obj = store.ref(name)
+    except ObjectNotFound:
+        return None, f"{uri} no longer exists (moved or deleted after the event)"
+    if generation and obj.generation != generation:
+        if obj.generation > generation:
+            return None, (f"{uri} generation {generation} was superseded by "
+                          f"{obj.generation}; the newer generation's run handles it")
+        return None, f"{uri} is at generation {obj.generation}, older than {generation}"
+    return obj, ""
+
+
+def emit(
+    name: str,
+    obj: ObjectRef,
+    settings: Settings,
+    *,
+    related: list[dict[str, str]] | None = None,
+    payload: dict[str, Any] | None = None,
+) -> None:
+    """A `pipeline.*` event about `obj`; Prefect adds the flow run as a related resource."""
+    emit_event(
+        event=name,
+        resource=events.object_resource(obj, stage_prefixes(settings)),
+        related=related or [],
+        payload=payload or {},
+    )
+
+
+def artifact_key(prefix: str, obj: ObjectRef) -> str:
+    """Artifact keys allow lower-case letters, digits and dashes only."""
+    slug = re.sub(r"[^a-z0-9]+", "-", obj.name.lower()).strip("-")
+    return f"{prefix}-{slug}"[:200]

@@ -1,0 +1,92 @@
+"""Load flow: one processed object -> the warehouse table, idempotent per generation.
+
+The warehouse reads the object itself (DuckDB's read_parquet, a BigQuery load
+job from the gs:// URI); only the file footer is read here, for lineage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import current_object, emit
+from flows.tlc_schema import CANONICAL_SCHEMA
+from flows.transform_core import METADATA_SOURCE_GENERATION, METADATA_SOURCE_URI
+from taxi_pipeline import events
+from taxi_pipeline.objects import ObjectRef
+from taxi_pipeline.settings import get_settings
+from taxi_pipeline.storage import ObjectStore, store_from_settings
+from taxi_pipeline.warehouse import LoadResult, warehouse_from_settings
+
+
+class NotAProcessedObject(ValueError):
+    """The object lacks the lineage the transform writes; it was not made by it."""
+
+
+def read_lineage(store: ObjectStore, obj: ObjectRef) -> tuple[str, int]:
+    """(source URI, source generation) from the parquet footer's key-value metadata."""
+    with store.open_read(obj) as handle:
+        metadata = pq.read_metadata(handle).metadata or {}
+    try:
+        return (metadata[METADATA_SOURCE_URI].decode(),
+                int(metadata[METADATA_SOURCE_GENERATION]))
+    except KeyError:
+        raise NotAProcessedObject(
+            f"{obj.uri} has no lineage metadata: only files written by the transform flow "
+            "can be loaded. Put raw files under the raw prefix instead."
+        ) from None
+
+
+@task(cache_policy=NO_CACHE)
+def load_object(store: ObjectStore, obj: ObjectRef) -> tuple[LoadResult, str]:
+    settings = get_settings()
+    source_uri, source_generation = read_lineage(store, obj)
+    warehouse = warehouse_from_settings(settings)
+    result = warehouse.load_object(
+        object_uri=obj.uri,
+        object_generation=obj.generation,
+        table=settings.table,
+        schema=CANONICAL_SCHEMA,
+        source_uri=source_uri,
+        source_generation=source_generation,
+    )
+    return result, warehouse.table_uri(settings.table)
+
+
+@flow(name="load")
+def load(object_uri: str, generation: int | None = None,
+         event_id: str | None = None) -> dict[str, Any]:
+    """Load one processed object into the warehouse (replacing its source's older rows)."""
+    logger = get_run_logger()
+    settings = get_settings()
+    store = store_from_settings(settings)
+    obj, why_not = current_object(store, object_uri, generation)
+    if obj is None:
+        logger.warning("skipped uri=%s event=%s: %s", object_uri, event_id, why_not)
+        return {"status": "skipped", "reason": why_not}
+    logger.info("load uri=%s generation=%s event=%s", obj.uri, obj.generation, event_id)
+    try:
+        result, table_uri = load_object(store, obj)
+    except Exception as exc:
+        emit(events.LOAD_FAILED, obj, settings, payload={"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    emit(
+        events.LOAD_COMPLETED,
+        obj,
+        settings,
+        related=[events.table_resource(table_uri)],
+        payload={
+            "status": result.status,
+            "rows": result.rows,
+            "replaced_rows": result.replaced_rows,
+            "source_uri": result.source_uri,
+            "source_generation": result.source_generation,
+            "table": table_uri,
+        },
+    )
+    logger.info("load uri=%s status=%s rows=%d replaced=%d table=%s", obj.uri, result.status,
+                result.rows, result.replaced_rows, table_uri)
+    return {"status": result.status, "rows": result.rows, "source_uri": result.source_uri}

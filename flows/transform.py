@@ -1,0 +1,133 @@
+"""Transform flow: one raw object -> processed/ (good rows) and rejects/ (bad rows).
+
+A file that cannot be transformed at all is moved to quarantine/ with a
+`pipeline.object.quarantined` event saying why; the run still completes, so a
+bad file never turns into a retry loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.artifacts import create_table_artifact
+
+from flows.common import artifact_key, current_object, emit, stage_prefixes
+from flows.transform_core import BadInputFile, TransformStats, transform_parquet
+from taxi_pipeline import events
+from taxi_pipeline.objects import ObjectRef, dataset_of, month_of, sibling_name
+from taxi_pipeline.settings import Settings, get_settings
+from taxi_pipeline.storage import ObjectStore, store_from_settings
+
+
+@task(cache_policy=NO_CACHE)
+def quarantine(store: ObjectStore, obj: ObjectRef, error: BadInputFile, settings: Settings) -> str:
+    """Move the file out of raw/ so it is not retried, and say why in an event."""
+    logger = get_run_logger()
+    target = sibling_name(obj.name, settings.raw_prefix, settings.quarantine_prefix)
+    moved = store.move(obj, target)
+    logger.warning("quarantined uri=%s to=%s reason=%s", obj.uri, moved.uri, error)
+    emit(
+        events.OBJECT_QUARANTINED,
+        obj,
+        settings,
+        related=[events.object_role_resource(moved, "quarantine", stage_prefixes(settings))],
+        payload={"reason": error.kind, "detail": error.detail, "quarantine_uri": moved.uri},
+    )
+    return moved.uri
+
+
+@task(cache_policy=NO_CACHE)
+def transform_object(
+    store: ObjectStore, obj: ObjectRef, settings: Settings
+) -> tuple[TransformStats, ObjectRef, ObjectRef]:
+    """Stream the object through the transform; publish rejects, then processed."""
+    processed_name = sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix)
+    rejects_name = sibling_name(obj.name, settings.raw_prefix, settings.rejects_prefix)
+    # Exit order publishes rejects before processed: the processed object's
+    # notification starts the load, so everything else must be in place first.
+    with (
+        store.open_read(obj) as source,
+        store.publish(processed_name) as processed_path,
+        store.publish(rejects_name) as rejects_path,
+    ):
+        stats = transform_parquet(
+            source,
+            processed_path,
+            rejects_path,
+            source_uri=obj.uri,
+            source_generation=obj.generation,
+            taxi_type=dataset_of(obj.name),
+            month=month_of(obj.name),
+            batch_rows=settings.batch_rows,
+        )
+    return stats, store.ref(processed_name), store.ref(rejects_name)
+
+
+def _summary(obj: ObjectRef, stats: TransformStats) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [
+        {"measure": "rows in", "rows": stats.rows_in},
+        {"measure": "rows out (processed)", "rows": stats.rows_out},
+        {"measure": "rows rejected", "rows": stats.rows_rejected},
+    ]
+    rows += [{"measure": f"rejected: {reason}", "rows": count}
+             for reason, count in stats.rejected.most_common()]
+    return rows
+
+
+@flow(name="transform")
+def transform(object_uri: str, generation: int | None = None,
+              event_id: str | None = None) -> dict[str, Any]:
+    """Validate, normalise and split one raw TLC object (the event's resource)."""
+    logger = get_run_logger()
+    settings = get_settings()
+    store = store_from_settings(settings)
+    obj, why_not = current_object(store, object_uri, generation)
+    if obj is None:
+        logger.warning("skipped uri=%s event=%s: %s", object_uri, event_id, why_not)
+        return {"status": "skipped", "reason": why_not}
+    logger.info("transform uri=%s generation=%s event=%s", obj.uri, obj.generation, event_id)
+    try:
+        stats, processed, rejects = transform_object(store, obj, settings)
+    except BadInputFile as error:
+        quarantine_uri = quarantine(store, obj, error, settings)
+        return {"status": "quarantined", "reason": str(error), "quarantine_uri": quarantine_uri}
+    except Exception as exc:
+        emit(events.TRANSFORM_FAILED, obj, settings,
+             payload={"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    prefixes = stage_prefixes(settings)
+    emit(
+        events.TRANSFORM_COMPLETED,
+        obj,
+        settings,
+        related=[
+            events.object_role_resource(processed, "output", prefixes),
+            events.object_role_resource(rejects, "rejects", prefixes),
+        ],
+        payload={
+            "rows_in": stats.rows_in,
+            "rows_out": stats.rows_out,
+            "rows_rejected": stats.rows_rejected,
+            "rejected_by_reason": dict(stats.rejected),
+            "processed_uri": processed.uri,
+            "rejects_uri": rejects.uri,
+        },
+    )
+    create_table_artifact(
+        key=artifact_key("transform", obj),
+        table=_summary(obj, stats),
+        description=f"Transform of `{obj.uri}` (generation {obj.generation})",
+    )
+    logger.info(
+        "transformed uri=%s rows_in=%d rows_out=%d rejected=%d -> %s",
+        obj.uri, stats.rows_in, stats.rows_out, stats.rows_rejected, processed.uri,
+    )
+    return {
+        "status": "completed",
+        "rows_in": stats.rows_in,
+        "rows_out": stats.rows_out,
+        "rejected": dict(stats.rejected),
+        "processed_uri": processed.uri,
+    }

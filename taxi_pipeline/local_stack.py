@@ -1,0 +1,220 @@
+"""Start and stop what the local profile needs: Prefect server, worker, bridge.
+
+Used by `taxi-pipeline up|demo` and by the end-to-end tests, so the tests run
+the same processes a user does. Every child runs in its own process group and
+is stopped by group (SIGTERM, then SIGINT, then SIGKILL), because a
+`prefect worker` may ignore the first SIGTERM and leave flow-run children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from taxi_pipeline.settings import Settings
+
+DEFAULT_UI_PORT = 4200
+
+
+def free_port(preferred: int | None = None) -> int:
+    """`preferred` if nothing listens there, else any free loopback port."""
+    if preferred:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen[bytes] | None = None,
+                 log_path: Path | None = None) -> None:
+    """Poll `/health` until the server answers; fail with its log tail if it dies or stalls."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            break
+        try:
+            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    tail = ""
+    if log_path and log_path.exists():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+    raise RuntimeError(
+        f"the Prefect server at {api_url} did not become healthy within {timeout:.0f}s. "
+        f"Last lines of its log ({log_path}):\n{tail}"
+    )
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def _signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM, then SIGINT, then SIGKILL of the whole process group."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGINT, 5.0)):
+            if not self.alive():
+                break
+            self._signal_group(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=wait)
+        # Kill leftovers of the group (flow-run children) even when the leader exited.
+        self._signal_group(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+
+
+@dataclass
+class LocalStack:
+    """The processes of the local profile, as a context manager."""
+
+    settings: Settings
+    api_url: str | None = None
+    start_bridge: bool = True
+    start_worker: bool = True
+    ui: bool = True
+    env: dict[str, str] = field(default_factory=dict)
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.settings.home / "logs"
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "TAXI_PROFILE": self.settings.profile,
+                "TAXI_HOME": str(self.settings.home),
+                "TAXI_BUCKET": self.settings.bucket,
+                "TAXI_WORK_POOL": self.settings.work_pool,
+                "PREFECT_WORKER_QUERY_SECONDS": env.get("PREFECT_WORKER_QUERY_SECONDS", "1"),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if self.api_url:
+            env["PREFECT_API_URL"] = self.api_url
+        env.update(self.env)
+        return env
+
+    def spawn(self, name: str, argv: list[str]) -> ManagedProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.child_env(),
+                start_new_session=True,
+            )
+        managed = ManagedProcess(name, process, log_path)
+        self.processes.append(managed)
+        return managed
+
+    def start_server(self) -> str:
+        prefect_home = self.settings.home / "prefect"
+        prefect_home.mkdir(parents=True, exist_ok=True)
+        port = free_port(DEFAULT_UI_PORT if self.ui else None)
+        api_url = f"http://127.0.0.1:{port}/api"
+        self.env.update(
+            {
+                "PREFECT_HOME": str(prefect_home),
+                "PREFECT_API_DATABASE_CONNECTION_URL":
+                    f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+                "PREFECT_UI_ENABLED": "true" if self.ui else "false",
+                "PREFECT_UI_API_URL": api_url,
+            }
+        )
+        server = self.spawn(
+            "prefect-server",
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port)],
+        )
+        self.api_url = api_url
+        wait_healthy(api_url, 120, server.process, server.log_path)
+        return api_url
+
+    def deploy(self) -> None:
+        """Register deployments and automations (`python -m deploy`) against the server."""
+        log_path = self.log_dir / "deploy.log"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            result = subprocess.run(
+                [sys.executable, "-m", "deploy"], env=self.child_env(), stdout=log,
+                stderr=subprocess.STDOUT, timeout=300, check=False,
+            )
+        if result.returncode != 0:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+            raise RuntimeError(f"registering deployments failed (see {log_path}):\n{tail}")
+
+    def start(self) -> LocalStack:
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        self.settings.bucket_dir.mkdir(parents=True, exist_ok=True)
+        if self.api_url is None:
+            self.api_url = os.environ.get("PREFECT_API_URL") or None
+        if self.api_url:
+            wait_healthy(self.api_url, 30)
+        else:
+            self.start_server()
+        self.deploy()
+        if self.start_worker:
+            self.spawn(
+                "worker",
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool",
+                 self.settings.work_pool, "--type", "process"],
+            )
+        if self.start_bridge:
+            self.spawn("bridge", [sys.executable, "-m", "pubsub_bridge"])
+        return self
+
+    def process(self, name: str) -> ManagedProcess:
+        for managed in self.processes:
+            if managed.name == name:
+                return managed
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        """Bridge and worker first (they talk to the server), the server last."""
+        for managed in reversed(self.processes):
+            managed.stop()
+        self.processes.clear()
+
+    def __enter__(self) -> LocalStack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
