@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.deployments.runner import RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import Flow
 from prefect.types.entrypoint import EntrypointType
@@ -51,17 +52,19 @@ async def ensure_work_pool(settings: Settings) -> None:
 
 
 def register(flow: Flow[Any, Any], name: str, settings: Settings) -> UUID:
-    deployment = flow.to_deployment(
+    # to_deployment/apply dispatch to their async twins inside an event loop; here
+    # (plain sync code) they return the values.
+    deployment = cast(RunnerDeployment, flow.to_deployment(
         name=name,
         work_pool_name=settings.work_pool,
         entrypoint_type=EntrypointType.MODULE_PATH,
         description=(flow.description or "").strip().splitlines()[0] if flow.description else None,
         tags=["taxi-pipeline"],
-    )
+    ))
     image = settings.image or None
     if pool_type(settings) == "kubernetes" and not image:
         settings.require("image")
-    deployment_id = deployment.apply(work_pool_name=settings.work_pool, image=image)
+    deployment_id = cast(UUID, deployment.apply(work_pool_name=settings.work_pool, image=image))
     log.info("deployment %s/%s -> %s on pool %r", flow.name, name, deployment_id,
              settings.work_pool)
     return deployment_id

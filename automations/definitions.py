@@ -25,7 +25,7 @@ PROCESSED_LANDED = "taxi-pipeline: processed object landed -> load"
 # A template that is only `{{ x }}` keeps x's type, so `| int` gives the flow an int.
 RUN_PARAMETERS: dict[str, Any] = {
     "object_uri": "{{ event.resource.id }}",
-    "generation": "{{ event.resource.get('%s', 0) | int }}" % events.LABEL_GENERATION,
+    "generation": f"{{{{ event.resource.get('{events.LABEL_GENERATION}', 0) | int }}}}",
     "event_id": "{{ event.id | string }}",
 }
 
@@ -50,13 +50,15 @@ def pipeline_automations(transform_deployment_id: UUID,
             description="Run the transform deployment for every new raw object generation.",
             trigger=object_landed_trigger(events.STAGE_RAW),
             actions=[RunDeployment(source="selected", deployment_id=transform_deployment_id,
-                                   parameters=dict(RUN_PARAMETERS))],
+                                   parameters=dict(RUN_PARAMETERS),
+                                   job_variables=None)],
         ),
         Automation(
             name=PROCESSED_LANDED,
             description="Run the load deployment for every new processed object generation.",
             trigger=object_landed_trigger(events.STAGE_PROCESSED),
             actions=[RunDeployment(source="selected", deployment_id=load_deployment_id,
-                                   parameters=dict(RUN_PARAMETERS))],
+                                   parameters=dict(RUN_PARAMETERS),
+                                   job_variables=None)],
         ),
     ]

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.common import artifact_key, current_object, emit, stage_prefixes
 from flows.transform_core import BadInputFile, TransformStats, transform_parquet

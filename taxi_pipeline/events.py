@@ -7,7 +7,7 @@ so a label renamed here is renamed everywhere.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from prefect.events import Event, RelatedResource, Resource
@@ -92,7 +92,6 @@ def object_finalized(
     }
     return Event(
         id=uuid.uuid4() if reemit else object_event_id(obj.bucket, obj.name, obj.generation),
-        occurred=datetime.now(UTC),
         event=OBJECT_FINALIZED,
         resource=Resource(resource),
         payload={k: v for k, v in payload.items() if v is not None},

@@ -102,17 +102,23 @@ class LocalStack:
     processes: list[ManagedProcess] = field(default_factory=list)
 
     @property
+    def api_url_file(self) -> Path:
+        """Where `reemit`/`status` find the server `up` started (removed on stop)."""
+        return self.settings.home / "api-url"
+
+    @property
     def log_dir(self) -> Path:
         return self.settings.home / "logs"
 
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
+        # Children must see the same settings, including those set in code (tests).
+        for name in self.settings.model_fields_set | {"profile", "home", "bucket", "work_pool"}:
+            value = getattr(self.settings, name)
+            if value is not None:
+                env[f"TAXI_{name.upper()}"] = str(value)
         env.update(
             {
-                "TAXI_PROFILE": self.settings.profile,
-                "TAXI_HOME": str(self.settings.home),
-                "TAXI_BUCKET": self.settings.bucket,
-                "TAXI_WORK_POOL": self.settings.work_pool,
                 "PREFECT_WORKER_QUERY_SECONDS": env.get("PREFECT_WORKER_QUERY_SECONDS", "1"),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
@@ -161,6 +167,7 @@ class LocalStack:
         )
         self.api_url = api_url
         wait_healthy(api_url, 120, server.process, server.log_path)
+        self.api_url_file.write_text(api_url)
         return api_url
 
     def deploy(self) -> None:
@@ -205,6 +212,8 @@ class LocalStack:
     def stop(self) -> None:
         """Bridge and worker first (they talk to the server), the server last."""
         for managed in reversed(self.processes):
+            if managed.name == "prefect-server":
+                self.api_url_file.unlink(missing_ok=True)
             managed.stop()
         self.processes.clear()
 

@@ -63,7 +63,8 @@ class Settings(BaseSettings):
 
     # -- warehouse ---------------------------------------------------------------
     warehouse_path: Path | None = Field(
-        default=None, description="DuckDB file of the local profile (default HOME/warehouse.duckdb)."
+        default=None,
+        description="DuckDB file of the local profile (default HOME/warehouse.duckdb).",
     )
     table: str = "trips"
     gcp_project: str = ""

@@ -28,7 +28,13 @@ class Warehouse(Protocol):
         """Replace the rows of `source_uri` in `table` with the object's rows, atomically."""
         ...
 
-    def rows_for(self, table: str, source_uri: str) -> int | None: ...
+    def rows_for(self, table: str, source_uri: str) -> int | None:
+        """Rows in `table` from `source_uri`; None when the table does not exist yet."""
+        ...
+
+    def loaded(self, table: str, source_uri: str) -> tuple[int, int] | None:
+        """(source generation, rows) of the last load of `source_uri`, or None."""
+        ...
 
 
 def warehouse_from_settings(settings: Settings) -> Warehouse:

@@ -155,6 +155,23 @@ class DuckDBWarehouse:
                 raise
         return LoadResult(table, source_uri, source_generation, inserted, deleted, "loaded")
 
+    def loaded(self, table: str, source_uri: str) -> tuple[int, int] | None:
+        """(source generation, rows) of the last load of `source_uri`, or None."""
+        if not self.path.exists():
+            return None
+        with self.connect(read_only=True) as con:
+            exists = con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [LOAD_LOG]
+            ).fetchone()
+            if not exists or not exists[0]:
+                return None
+            row = con.execute(
+                f"SELECT source_generation, rows FROM {LOAD_LOG}"
+                " WHERE table_name = ? AND source_uri = ?",
+                [table, source_uri],
+            ).fetchone()
+            return (int(row[0]), int(row[1])) if row else None
+
     def rows_for(self, table: str, source_uri: str) -> int | None:
         """Rows loaded from `source_uri`, or None when the table does not exist yet."""
         if not self.path.exists():

@@ -1,0 +1,89 @@
+"""Benchmark: our streaming transform vs the original tutorial's pandas path, same month.
+
+Usage: .venv/bin/python benchmarks/transform_vs_pandas.py [--rows 3000000]
+
+Each side runs in its own fresh process on the same synthetic yellow month, so
+peak memory (ru_maxrss) is that side's alone. The pandas path is the tutorial's:
+read_parquet, to_datetime on both timestamps, drop passenger_count == 0,
+to_parquet with gzip. Prints both times, both peaks and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_ours(source: Path, out_dir: Path) -> dict[str, float]:
+    from flows.transform_core import transform_parquet
+
+    start = time.perf_counter()
+    stats = transform_parquet(
+        source, out_dir / "processed.parquet", out_dir / "rejects.parquet",
+        source_uri=source.as_uri(), source_generation=1, taxi_type="yellow", month=(2024, 1),
+    )
+    return {"seconds": time.perf_counter() - start, "rows_out": stats.rows_out}
+
+
+def run_pandas(source: Path, out_dir: Path) -> dict[str, float]:
+    import pandas as pd
+
+    start = time.perf_counter()
+    df = pd.read_parquet(source)
+    df.tpep_pickup_datetime = pd.to_datetime(df.tpep_pickup_datetime)
+    df.tpep_dropoff_datetime = pd.to_datetime(df.tpep_dropoff_datetime)
+    df = df[df.passenger_count != 0]
+    df.to_parquet(out_dir / "pandas.parquet.gz", compression="gzip")
+    return {"seconds": time.perf_counter() - start, "rows_out": len(df)}
+
+
+def child(mode: str, source: str, out_dir: str) -> None:
+    runner = run_ours if mode == "ours" else run_pandas
+    result = runner(Path(source), Path(out_dir))
+    result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def measure(mode: str, source: Path, out_dir: Path) -> dict[str, float]:
+    output = subprocess.run(
+        [sys.executable, __file__, "--child", mode, str(source), str(out_dir)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return dict(json.loads(output.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=3_000_000)
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "SOURCE", "OUT"))
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+
+    from taxi_pipeline.sample_data import generate_month, write_month
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        source = write_month(generate_month("yellow", 2024, 1, args.rows, seed=42),
+                             tmp_path / "yellow_tripdata_2024-01.parquet")
+        size_mib = source.stat().st_size / 2**20
+        print(f"source: {args.rows:,} rows, {size_mib:.0f} MiB (synthetic yellow 2024-01)")
+        ours = measure("ours", source, tmp_path)
+        pandas = measure("pandas", source, tmp_path)
+    print(f"{'path':<28}{'seconds':>10}{'peak MiB':>12}{'rows out':>12}")
+    for name, result in (("ours (arrow, streaming)", ours), ("tutorial (pandas, gzip)", pandas)):
+        print(f"{name:<28}{result['seconds']:>10.2f}{result['peak_mib']:>12.0f}"
+              f"{int(result['rows_out']):>12,}")
+    print(f"speed-up: {pandas['seconds'] / ours['seconds']:.1f}x (target >= 10x); "
+          f"memory: ours uses {ours['peak_mib'] / pandas['peak_mib']:.2f}x of pandas' peak")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""`taxi-pipeline`: run the local profile, try it with a demo, inspect and re-run objects.
+
+The CLI starts the other parts (`python -m deploy`, `python -m pubsub_bridge`,
+a Prefect worker) as processes, so the core never imports flows, bridge or
+automations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from taxi_pipeline import events
+from taxi_pipeline.event_delivery import EventDelivery
+from taxi_pipeline.local_stack import LocalStack
+from taxi_pipeline.objects import ObjectRef, sibling_name
+from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.settings import Settings, get_settings
+from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
+from taxi_pipeline.warehouse import warehouse_from_settings
+
+log = logging.getLogger("taxi_pipeline")
+
+
+def _stage_prefixes(settings: Settings) -> dict[str, str]:
+    return {events.STAGE_RAW: settings.raw_prefix,
+            events.STAGE_PROCESSED: settings.processed_prefix}
+
+
+def _require_local(settings: Settings, command: str) -> None:
+    if settings.profile != "local":
+        raise SystemExit(
+            f"`taxi-pipeline {command}` runs the embedded local profile; TAXI_PROFILE is "
+            f"{settings.profile!r}. Unset it, or deploy with `python -m deploy` instead."
+        )
+
+
+def _print_stack(stack: LocalStack, settings: Settings) -> None:
+    ui = (stack.api_url or "").removesuffix("/api")
+    print(f"Prefect UI and API   {ui}  (API {stack.api_url})")
+    print(f"Drop raw files into  {settings.bucket_dir}/{settings.raw_prefix}<dataset>/<year>/")
+    print(f"Warehouse (DuckDB)   {settings.warehouse_file}  table {settings.table}")
+    print(f"Logs                 {stack.log_dir}")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    _require_local(settings, "up")
+    print("Starting the local profile (Prefect server, worker, bridge)...", flush=True)
+    with LocalStack(settings, ui=True) as stack:
+        _print_stack(stack, settings)
+        print("Running. Press Ctrl-C to stop everything.", flush=True)
+        try:
+            while True:
+                for managed in stack.processes:
+                    if not managed.alive():
+                        print(f"{managed.name} exited with code {managed.process.returncode}; "
+                              f"see {managed.log_path}. Stopping.", file=sys.stderr)
+                        return 1
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print("\nStopping...", flush=True)
+    print("Stopped; nothing left running.")
+    return 0
+
+
+def wait_for_load(settings: Settings, store: ObjectStore, raw: ObjectRef,
+                  timeout: float) -> tuple[int, float] | str:
+    """(rows, seconds) once the warehouse holds this generation, or why it never will."""
+    warehouse = warehouse_from_settings(settings)
+    quarantine_name = sibling_name(raw.name, settings.raw_prefix, settings.quarantine_prefix)
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        loaded = warehouse.loaded(settings.table, raw.uri)
+        if loaded is not None and loaded[0] >= raw.generation:
+            return loaded[1], time.monotonic() - start
+        try:
+            store.ref(quarantine_name)
+            return f"{raw.uri} was quarantined as {quarantine_name}"
+        except ObjectNotFound:
+            pass
+        time.sleep(0.1)
+    return f"{raw.uri} was not loaded within {timeout:.0f}s"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    _require_local(settings, "demo")
+    store = store_from_settings(settings)
+    name = raw_object_name(settings.raw_prefix, "yellow", 2024, 1)
+    print(f"Generating a sample yellow month ({args.rows:,} rows, real TLC schema and dirt)...",
+          flush=True)
+    sample = generate_month("yellow", 2024, 1, args.rows, seed=7)
+    latencies: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        source = write_month(sample, Path(tmp) / "yellow_tripdata_2024-01.parquet")
+        print("Starting the local profile (Prefect server, worker, bridge)...", flush=True)
+        with LocalStack(settings, ui=False) as stack:
+            _print_stack(stack, settings)
+            for attempt in range(1, args.drops + 1):
+                target = settings.bucket_dir / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                dropped = time.monotonic()
+                shutil.copyfile(source, target)
+                raw = store.ref(name)
+                print(f"[{attempt}/{args.drops}] dropped {raw.uri}", flush=True)
+                outcome = wait_for_load(settings, store, raw, args.timeout)
+                if isinstance(outcome, str):
+                    print(f"FAILED: {outcome}. Logs: {stack.log_dir}", file=sys.stderr)
+                    return 1
+                rows, _ = outcome
+                latency = time.monotonic() - dropped
+                latencies.append(latency)
+                rejects_path = settings.bucket_dir / sibling_name(
+                    name, settings.raw_prefix, settings.rejects_prefix)
+                rejected = pq.read_metadata(rejects_path).num_rows
+                print(f"[{attempt}/{args.drops}] loaded {rows:,} rows, rejected {rejected:,} "
+                      f"(reasons in {rejects_path}); drop to queryable {latency:.1f}s",
+                      flush=True)
+    print(f"Demo done: {sample.table.num_rows:,} rows in, {rows:,} loaded, {rejected:,} rejected;"
+          f" drop to queryable median {statistics.median(latencies):.1f}s over "
+          f"{len(latencies)} drop(s). Query it: duckdb {settings.warehouse_file} "
+          f"\"select count(*) from {settings.table}\"")
+    return 0
+
+
+async def _reemit(settings: Settings, targets: list[str]) -> int:
+    store = store_from_settings(settings)
+    refs: list[ObjectRef] = []
+    for target in targets:
+        try:
+            name = store.name_of(target) if "://" in target else target
+            refs.append(store.ref(name))
+        except (ObjectNotFound, ValueError) as exc:
+            print(f"skipping {target}: {exc}", file=sys.stderr)
+    if not refs:
+        return 1
+    prefixes = _stage_prefixes(settings)
+    to_send = [events.object_finalized(ref, prefixes, reemit=True) for ref in refs]
+    async with EventDelivery() as delivery:
+        stored = await delivery.deliver(to_send, timeout=30)
+    for event in to_send:
+        state = "stored" if event.id in stored else "NOT CONFIRMED (retry)"
+        print(f"{event.resource.id} generation {event.resource[events.LABEL_GENERATION]}: "
+              f"re-emitted as {event.id} ({state})")
+    return 0 if len(stored) == len(to_send) else 1
+
+
+def _with_api(settings: Settings, coroutine: Coroutine[Any, Any, int]) -> int:
+    """Run against PREFECT_API_URL, or else the server `taxi-pipeline up` started."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    marker = settings.home / "api-url"
+    if not url and marker.exists():
+        url = marker.read_text().strip()
+    if not url:
+        coroutine.close()
+        raise RuntimeError("no Prefect server: start one with `taxi-pipeline up`, or set "
+                           "PREFECT_API_URL to yours")
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        return asyncio.run(coroutine)
+
+
+def cmd_reemit(args: argparse.Namespace) -> int:
+    """Re-emit `storage.object.finalized` (fresh id, reemit label): run the chain again."""
+    settings = get_settings()
+    return _with_api(settings, _reemit(settings, args.objects))
+
+
+async def _status(settings: Settings, target: str) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import (
+        EventAnyResourceFilter,
+        EventFilter,
+        EventOccurredFilter,
+        EventOrder,
+    )
+
+    store = store_from_settings(settings)
+    name = store.name_of(target) if "://" in target else target
+    uri = store.ref(name).uri if "://" not in target else target
+    async with get_client() as client:
+        page = await client.read_events(
+            filter=EventFilter(
+                any_resource=EventAnyResourceFilter(id=[uri]),
+                occurred=EventOccurredFilter(),
+                order=EventOrder.ASC,
+            ),
+            limit=50,
+        )
+    print(f"events about {uri} ({page.total}):")
+    for event in page.events:
+        detail = {k: v for k, v in event.payload.items() if k in (
+            "rows", "rows_in", "rows_out", "rows_rejected", "status", "reason", "error")}
+        print(f"  {event.occurred:%Y-%m-%d %H:%M:%S}  {event.event:<30} "
+              f"{event.resource.id if event.resource.id != uri else ''} {detail or ''}")
+    loaded = warehouse_from_settings(settings).loaded(settings.table, uri)
+    if loaded:
+        print(f"warehouse: {loaded[1]:,} rows of generation {loaded[0]} in {settings.table}")
+    else:
+        print("warehouse: no rows from this object")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The story of one object: its events and what the warehouse holds of it."""
+    settings = get_settings()
+    return _with_api(settings, _status(settings, args.object))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taxi-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start server, worker and bridge of the local profile")
+    up.set_defaults(func=cmd_up)
+    demo = sub.add_parser("demo", help="start everything, drop a sample month, wait, report")
+    demo.add_argument("--rows", type=int, default=250_000, help="rows in the sample month")
+    demo.add_argument("--drops", type=int, default=1,
+                      help="drop the month this many times (each drop is a new generation)")
+    demo.add_argument("--timeout", type=float, default=180.0,
+                      help="seconds to wait for each drop to be loaded")
+    demo.set_defaults(func=cmd_demo)
+    reemit = sub.add_parser("reemit", help="process objects again (re-run or backfill)")
+    reemit.add_argument("objects", nargs="+",
+                        help="object URIs or names (raw/... or processed/...)")
+    reemit.set_defaults(func=cmd_reemit)
+    status = sub.add_parser("status", help="events and warehouse rows of one object")
+    status.add_argument("object", help="object URI or name")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

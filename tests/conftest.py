@@ -1,0 +1,37 @@
+"""Fixtures shared by the unit tests: real TLC files in place, and isolated settings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from taxi_pipeline.settings import get_settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TLC_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "tlc"
+
+
+@pytest.fixture
+def tlc_data_dir() -> Path:
+    """The real TLC files, read in place (never copied into the repo)."""
+    if not TLC_DATA_DIR.is_dir():
+        pytest.skip(
+            "../shared/data/tlc is absent (real TLC files live outside the repo): "
+            f"looked for {TLC_DATA_DIR}"
+        )
+    return TLC_DATA_DIR
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test sees default settings with TAXI_HOME in its own temporary directory."""
+    for name in list(os.environ):
+        if name.startswith("TAXI_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TAXI_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()

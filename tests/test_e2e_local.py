@@ -1,0 +1,207 @@
+"""End to end on the local profile: a real Prefect server, worker, bridge and automations.
+
+Files are dropped into the bucket directory the way a user does (a plain copy)
+and the test waits until the warehouse holds them; nothing is called directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventResourceFilter,
+)
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.transform_core import transform_parquet
+from taxi_pipeline import events
+from taxi_pipeline.event_delivery import EventDelivery
+from taxi_pipeline.local_stack import LocalStack
+from taxi_pipeline.objects import month_of
+from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.storage.local import LocalStore
+from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
+
+pytestmark = pytest.mark.e2e
+
+LOAD_TIMEOUT = 240.0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    home = tmp_path_factory.mktemp("e2e-home")
+    settings = Settings(profile="local", home=home, bucket=str(home / "bucket"), stall_seconds=5)
+    with LocalStack(settings, ui=False, api_url=None) as running:
+        assert running.api_url
+        with temporary_settings(updates={PREFECT_API_URL: running.api_url}):
+            yield running
+
+
+def drop(source: Path, settings: Settings, name: str) -> Path:
+    """Copy a file into the bucket the way a user would (not atomically)."""
+    target = settings.bucket_dir / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+def wait_loaded(settings: Settings, uri: str, generation: int) -> int:
+    warehouse = DuckDBWarehouse(settings.warehouse_file)
+    deadline = time.monotonic() + LOAD_TIMEOUT
+    while time.monotonic() < deadline:
+        loaded = warehouse.loaded(settings.table, uri)
+        if loaded and loaded[0] >= generation:
+            return loaded[1]
+        time.sleep(0.25)
+    raise AssertionError(f"{uri} generation {generation} not loaded within {LOAD_TIMEOUT}s")
+
+
+def read_events(names: list[str], uri: str) -> list[Any]:
+    async def _read() -> list[Any]:
+        async with get_client() as client:
+            page = await client.read_events(
+                filter=EventFilter(
+                    event=EventNameFilter(name=names),
+                    resource=EventResourceFilter(id=[uri]),
+                    occurred=EventOccurredFilter(),
+                ),
+                limit=50,
+            )
+            return list(page.events)
+
+    return asyncio.run(_read())
+
+
+def wait_events(names: list[str], uri: str, at_least: int = 1, timeout: float = 60) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    found: list[Any] = []
+    while time.monotonic() < deadline:
+        found = read_events(names, uri)
+        if len(found) >= at_least:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"expected {at_least} of {names} about {uri}, found {len(found)}")
+
+
+def flow_run_count(deployment: str) -> int:
+    async def _count() -> int:
+        async with get_client() as client:
+            return await client.count_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment]))
+            )
+
+    return asyncio.run(_count())
+
+
+def table_rows(settings: Settings) -> int:
+    with DuckDBWarehouse(settings.warehouse_file).connect(read_only=True) as con:
+        row = con.execute(f"SELECT count(*) FROM {settings.table}").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_files_travel_the_whole_chain(stack: LocalStack, tmp_path: Path,
+                                      tlc_data_dir: Path) -> None:
+    settings = stack.settings
+    store = LocalStore(settings.bucket_dir)
+    jan = generate_month("yellow", 2024, 1, 40_000, seed=1)
+    feb = generate_month("yellow", 2024, 2, 30_000, era="2023", seed=2)
+    yellow = {
+        raw_object_name(settings.raw_prefix, "yellow", 2024, 1): (
+            write_month(jan, tmp_path / "jan.parquet"), jan.expected_good),
+        raw_object_name(settings.raw_prefix, "yellow", 2024, 2): (
+            write_month(feb, tmp_path / "feb.parquet"), feb.expected_good),
+    }
+    # The real green month: its expected count comes from the same transform, run here.
+    green_source = tlc_data_dir / "green_tripdata_2024-01.parquet"
+    green_name = raw_object_name(settings.raw_prefix, "green", 2024, 1)
+    green_expected = transform_parquet(
+        green_source, tmp_path / "g.parquet", tmp_path / "g-rejects.parquet",
+        source_uri="x", source_generation=1, taxi_type="green", month=month_of(green_name),
+    ).rows_out
+    drops = {**yellow, green_name: (green_source, green_expected)}
+
+    dropped = {name: drop(path, settings, name) for name, (path, _) in drops.items()}
+    for name, (_, expected) in drops.items():
+        ref = store.ref(name)
+        assert wait_loaded(settings, ref.uri, ref.generation) == expected, name
+        assert DuckDBWarehouse(settings.warehouse_file).rows_for(settings.table, ref.uri) \
+            == expected
+    total = sum(expected for _, expected in drops.values())
+    assert table_rows(settings) == total
+
+    # Every hop left an event naming the object, with the flow run as related resource.
+    jan_name = next(iter(yellow))
+    jan_uri = dropped[jan_name].as_uri()
+    completed = wait_events([events.TRANSFORM_COMPLETED], jan_uri)
+    assert completed[0].payload["rows_out"] == jan.expected_good
+    assert any(r.get("prefect.resource.role") == "flow-run" for r in completed[0].related)
+    processed_uri = completed[0].payload["processed_uri"]
+    wait_events([events.LOAD_COMPLETED], processed_uri)
+
+    # The same file dropped again is a new generation: reloaded, never duplicated.
+    runs_before = flow_run_count(settings.transform_deployment)
+    again = drop(yellow[jan_name][0], settings, jan_name)
+    ref = store.ref(jan_name)
+    assert wait_loaded(settings, again.as_uri(), ref.generation) == jan.expected_good
+    assert table_rows(settings) == total
+    assert flow_run_count(settings.transform_deployment) == runs_before + 1
+
+    # A redelivered notification (same deterministic id) starts no second run.
+    async def redeliver() -> set[Any]:
+        async with EventDelivery() as delivery:
+            event = events.object_finalized(ref, {"raw": settings.raw_prefix,
+                                                  "processed": settings.processed_prefix})
+            return await delivery.deliver([event], timeout=30)
+
+    assert len(asyncio.run(redeliver())) == 1
+    time.sleep(5)
+    assert flow_run_count(settings.transform_deployment) == runs_before + 1
+    assert table_rows(settings) == total
+    assert stack.process("bridge").alive()
+
+
+def test_a_file_that_is_not_parquet_is_quarantined(stack: LocalStack, tmp_path: Path) -> None:
+    settings = stack.settings
+    name = raw_object_name(settings.raw_prefix, "yellow", 2023, 7)
+    bogus = tmp_path / "bogus.parquet"
+    bogus.write_text("VendorID,tpep_pickup_datetime\n1,2023-07-01 00:00:00\n")
+    uri = drop(bogus, settings, name).as_uri()
+    quarantined = wait_events([events.OBJECT_QUARANTINED], uri, timeout=LOAD_TIMEOUT)
+    assert quarantined[0].payload["reason"] == "not_parquet"
+    assert "parquet" in quarantined[0].payload["detail"]
+    quarantine_path = settings.bucket_dir / settings.quarantine_prefix / "yellow/2023" / \
+        "yellow_tripdata_2023-07.parquet"
+    assert quarantine_path.read_text().startswith("VendorID")
+    assert not (settings.bucket_dir / name).exists()
+    assert DuckDBWarehouse(settings.warehouse_file).loaded(settings.table, uri) is None
+    assert stack.process("bridge").alive()
+
+
+def test_a_truncated_parquet_file_is_quarantined(stack: LocalStack, tmp_path: Path) -> None:
+    settings = stack.settings
+    sample = generate_month("yellow", 2023, 8, 5_000, seed=3)
+    whole = write_month(sample, tmp_path / "whole.parquet").read_bytes()
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(whole[: len(whole) // 2])
+    name = raw_object_name(settings.raw_prefix, "yellow", 2023, 8)
+    uri = drop(cut, settings, name).as_uri()
+    # Without its footer the bridge waits `stall_seconds` before announcing it.
+    quarantined = wait_events([events.OBJECT_QUARANTINED], uri,
+                              timeout=settings.stall_seconds + LOAD_TIMEOUT)
+    assert quarantined[0].payload["reason"] == "not_parquet"
+    assert DuckDBWarehouse(settings.warehouse_file).loaded(settings.table, uri) is None
+    assert pq.read_metadata(tmp_path / "whole.parquet").num_rows == 5_000
