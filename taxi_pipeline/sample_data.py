@@ -91,6 +91,7 @@ def generate_month(
     # Exactly one defect per dirty row, on disjoint row sets.
     order = rng.permutation(rows)
     expected: Counter[str] = Counter()
+    negative_rows = np.empty(0, dtype=np.int64)
     offset = 0
     for reason, share in DIRT_SHARES.items():
         count = int(rows * share)
@@ -100,10 +101,7 @@ def generate_month(
         if reason == "impossible_passenger_count":
             passengers[idx] = 0
         elif reason == "negative_total":
-            fare[idx] = -fare[idx]
-            tip[idx] = 0
-            tolls[idx] = 0
-            extra[idx] = 0
+            negative_rows = idx  # a refund: every amount negated, below
         elif reason == "pickup_outside_month":
             # real files carry trips from days, months and years away
             days = rng.choice([-1, -2, -40, 1, 400], count)
@@ -128,6 +126,9 @@ def generate_month(
     congestion = np.where(rng.random(rows) < 0.8, 2.5, 0.0)
     airport = np.where(rng.random(rows) < 0.08, 1.75, 0.0)
     cbd = np.where(rng.random(rows) < 0.4, 0.75, 0.0)
+    # TLC records a refund as a row with every amount negated
+    for amounts in (fare, extra, mta, tip, tolls, improvement, congestion):
+        amounts[negative_rows] = -amounts[negative_rows]
     total = np.round(fare + extra + mta + tip + tolls + improvement + congestion, 2)
 
     double_codes = era in ("2019", "2022", "2025")
