@@ -22,6 +22,7 @@ from prefect.types.entrypoint import EntrypointType
 
 from automations.apply import apply_automations
 from automations.definitions import pipeline_automations
+from flows.download import download
 from flows.load import load
 from flows.transform import transform
 from taxi_pipeline.settings import Settings, get_settings
@@ -51,7 +52,7 @@ async def ensure_work_pool(settings: Settings) -> None:
             )
 
 
-def register(flow: Flow[Any, Any], name: str, settings: Settings) -> UUID:
+def register(flow: Flow[Any, Any], name: str, settings: Settings, cron: str | None = None) -> UUID:
     # to_deployment/apply dispatch to their async twins inside an event loop; here
     # (plain sync code) they return the values.
     deployment = cast(RunnerDeployment, flow.to_deployment(
@@ -60,6 +61,7 @@ def register(flow: Flow[Any, Any], name: str, settings: Settings) -> UUID:
         entrypoint_type=EntrypointType.MODULE_PATH,
         description=(flow.description or "").strip().splitlines()[0] if flow.description else None,
         tags=["taxi-pipeline"],
+        cron=cron,
     ))
     image = settings.image or None
     if pool_type(settings) == "kubernetes" and not image:
@@ -71,10 +73,11 @@ def register(flow: Flow[Any, Any], name: str, settings: Settings) -> UUID:
 
 
 def deploy(settings: Settings | None = None) -> dict[str, UUID]:
-    """Register transform and load, then point the automations at them."""
+    """Register download (on its cron), transform and load; point the automations at them."""
     settings = settings or get_settings()
     asyncio.run(ensure_work_pool(settings))
     ids = {
+        "download": register(download, "scheduled", settings, cron=settings.download_cron),
         "transform": register(transform, settings.transform_deployment, settings),
         "load": register(load, settings.load_deployment, settings),
     }

@@ -77,6 +77,21 @@ class Settings(BaseSettings):
     load_deployment: str = "load"
     image: str = Field(default="", description="Flow image for the kubernetes work pool.")
 
+    # -- download ----------------------------------------------------------------
+    tlc_base_url: str = Field(
+        default="https://d37ci6vzurychx.cloudfront.net/trip-data",
+        description="Where TLC publishes monthly files (<dataset>_tripdata_<YYYY-MM>.parquet).",
+    )
+    download_datasets: list[str] = ["yellow", "green"]
+    download_cron: str = Field(
+        default="0 6 * * *",
+        description="Download schedule; daily, because TLC's publication day varies and "
+        "months already in the bucket are skipped.",
+    )
+    download_lag_months: int = Field(
+        default=2, ge=0, description="TLC publishes a month about two months after it ends."
+    )
+
     # -- transform ---------------------------------------------------------------
     batch_rows: int = Field(
         default=262_144, ge=1_024, description="Rows per streamed batch (bounds memory)."

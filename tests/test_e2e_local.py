@@ -205,3 +205,52 @@ def test_a_truncated_parquet_file_is_quarantined(stack: LocalStack, tmp_path: Pa
     assert quarantined[0].payload["reason"] == "not_parquet"
     assert DuckDBWarehouse(settings.warehouse_file).loaded(settings.table, uri) is None
     assert pq.read_metadata(tmp_path / "whole.parquet").num_rows == 5_000
+
+
+@pytest.fixture
+def tlc_site(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A loopback HTTP server standing in for the TLC download site."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    root = tmp_path / "site"
+    root.mkdir()
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/trip-data", root / "trip-data"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_download_lands_the_month_and_the_chain_loads_it(
+    stack: LocalStack, tlc_site: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.download import download
+    from taxi_pipeline.settings import get_settings
+
+    settings = stack.settings
+    base_url, site_dir = tlc_site
+    sample = generate_month("green", 2022, 5, 8_000, seed=5)
+    write_month(sample, site_dir / "green_tripdata_2022-05.parquet")
+    for key, value in {"TAXI_HOME": str(settings.home), "TAXI_BUCKET": settings.bucket,
+                       "TAXI_TLC_BASE_URL": base_url}.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+
+    # yellow 2022-05 is not on the site: skipped as "not published", not a failure
+    first = download(months=["2022-05"], datasets=["green", "yellow"])
+    assert first == {"green/2022-05": "downloaded", "yellow/2022-05": "not_published"}
+    ref = LocalStore(settings.bucket_dir).ref(raw_object_name(settings.raw_prefix, "green",
+                                                              2022, 5))
+    assert wait_loaded(settings, ref.uri, ref.generation) == sample.expected_good
+    wait_events([events.DOWNLOAD_COMPLETED], ref.uri)
+
+    # The next scheduled run finds it in the bucket and leaves it alone.
+    assert download(months=["2022-05"], datasets=["green"]) == {"green/2022-05": "exists"}
+    assert LocalStore(settings.bucket_dir).ref(ref.name).generation == ref.generation
