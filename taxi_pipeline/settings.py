@@ -49,6 +49,24 @@ class Settings(BaseSettings):
     rejects_prefix: str = "rejects/"
     quarantine_prefix: str = "quarantine/"
 
+    # -- GCP / emulators ---------------------------------------------------------
+    gcp_credentials_block: str = Field(
+        default="",
+        description="Name of a prefect-gcp GcpCredentials block; empty = Application Default "
+        "Credentials (Workload Identity on GKE). The emulator profile is anonymous.",
+    )
+    pubsub_topic: str = "taxi-objects"
+    pubsub_subscription: str = "taxi-objects-bridge"
+    pubsub_dead_letter_topic: str = "taxi-objects-dead-letter"
+    pubsub_max_messages: int = Field(default=500, ge=1, description="Flow control: messages")
+    pubsub_max_bytes: int = Field(default=50 * 2**20, ge=1024, description="Flow control: bytes")
+    pubsub_max_delivery_attempts: int = Field(default=10, ge=5, le=100)
+    pubsub_ack_deadline_seconds: int = Field(default=60, ge=10, le=600)
+    bridge_port: int = Field(default=8080, description="Bridge /healthz and /metrics port")
+    bridge_confirm_seconds: float = Field(
+        default=30.0, description="Re-emit an event not confirmed as stored after this long"
+    )
+
     # -- local directory source --------------------------------------------------
     settle_seconds: float = Field(
         default=1.0,
