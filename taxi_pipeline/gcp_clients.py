@@ -13,19 +13,20 @@ import os
 from typing import Any
 
 from google.auth.credentials import AnonymousCredentials, Credentials
-from google.cloud import bigquery, pubsub_v1, storage
+from google.cloud import bigquery, pubsub_v1, storage  # type: ignore[attr-defined]
 
 from taxi_pipeline.settings import Settings
 
 
 def credentials(settings: Settings) -> Credentials | None:
     if settings.profile == "emulator":
-        return AnonymousCredentials()  # type: ignore[no-untyped-call]
+        return AnonymousCredentials()
     if settings.gcp_credentials_block:
         from prefect_gcp import GcpCredentials
 
         block = GcpCredentials.load(settings.gcp_credentials_block)
-        return block.get_credentials_from_service_account()  # type: ignore[union-attr,no-any-return]
+        creds: Credentials = block.get_credentials_from_service_account()
+        return creds
     return None  # Application Default Credentials
 
 
