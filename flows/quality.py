@@ -49,7 +49,9 @@ def _true(mask: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
 
 
 def _outside(values: pa.Array, low: int, high: int) -> pa.Array:
-    return pc.or_(pc.is_null(values), pc.or_(pc.less(values, low), pc.greater(values, high)))
+    """True for a missing id or one outside [low, high] (Kleene or: null never hides True)."""
+    out_of_range = _true(pc.or_(pc.less(values, low), pc.greater(values, high)))
+    return pc.or_kleene(pc.is_null(values), out_of_range)
 
 
 def reject_reasons(batch: pa.RecordBatch, month: tuple[int, int] | None) -> pa.Array:

@@ -68,6 +68,9 @@ def _to_timestamp(values: pa.Array) -> pa.Array:
     if pa.types.is_timestamp(values.type) and values.type.tz is not None:
         # TLC times are New York wall-clock times; keep the wall clock, drop the zone.
         values = pc.local_timestamp(values)
+    if pa.types.is_timestamp(values.type):
+        # ns -> us drops sub-microsecond digits, which TLC never records
+        return pc.cast(values, pa.timestamp("us"), safe=False)
     return pc.cast(values, pa.timestamp("us"))
 
 

@@ -1,4 +1,8 @@
-"""`python -m pubsub_bridge`: run the bridge of the configured profile until SIGTERM/SIGINT."""
+"""`python -m pubsub_bridge`: run the bridge of the configured profile until SIGTERM/SIGINT.
+
+SIGTERM stops pulling, finishes (confirms and acks) what is in flight, nacks
+the rest and exits; a second signal is not needed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import asyncio
 import logging
 import signal
 
-from pubsub_bridge.app import run_directory_bridge
+from pubsub_bridge.health import HealthServer, HealthState
+from pubsub_bridge.metrics import BridgeMetrics
 from taxi_pipeline.settings import get_settings
 
 
@@ -16,10 +21,25 @@ async def _main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    metrics = BridgeMetrics()
+    health = HealthState()
     if settings.profile == "local":
-        await run_directory_bridge(settings, stop)
+        from pubsub_bridge.app import run_directory_bridge
+
+        server = HealthServer(health, metrics, ["prefect"], settings.bridge_port).start()
+        try:
+            await run_directory_bridge(settings, stop, metrics, health)
+        finally:
+            server.stop()
     else:
-        raise SystemExit(f"profile {settings.profile!r}: the Pub/Sub source is not built yet")
+        from pubsub_bridge.pubsub_source import run_pubsub_bridge
+
+        server = HealthServer(health, metrics, ["prefect", "pubsub"], settings.bridge_port)
+        server.start()
+        try:
+            await run_pubsub_bridge(settings, stop, metrics, health)
+        finally:
+            server.stop()
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import time
 from functools import partial
 
 from pubsub_bridge.directory_source import DirectorySource
+from pubsub_bridge.health import HealthState
 from pubsub_bridge.metrics import BridgeMetrics
 from pubsub_bridge.relay import Relay, Submission
 from taxi_pipeline import events
@@ -43,9 +44,11 @@ async def drain(relay: Relay, seconds: float) -> None:
 
 
 async def run_directory_bridge(settings: Settings, stop: asyncio.Event,
-                               metrics: BridgeMetrics | None = None) -> None:
+                               metrics: BridgeMetrics | None = None,
+                               health: HealthState | None = None) -> None:
     """Watch the local bucket directory until `stop` is set."""
     metrics = metrics or BridgeMetrics()
+    health = health or HealthState()
     store = LocalStore(settings.bucket_dir)
     prefixes = stage_prefixes(settings)
     source = DirectorySource(
@@ -58,7 +61,7 @@ async def run_directory_bridge(settings: Settings, stop: asyncio.Event,
     )
     log.info("watching %s (prefixes %s)", store.root, ", ".join(prefixes.values()))
     async with EventDelivery() as delivery:
-        relay = Relay(delivery, metrics)
+        relay = Relay(delivery, metrics, resend_after=settings.bridge_confirm_seconds)
         while not stop.is_set():
             ready = source.scan()
             if ready:
@@ -69,6 +72,11 @@ async def run_directory_bridge(settings: Settings, stop: asyncio.Event,
                 ])
             await relay.confirm()
             source.flush()
+            try:
+                await delivery.healthcheck()
+                health.ok("prefect")
+            except Exception as exc:
+                health.failed("prefect", str(exc))
             await _sleep_or_stop(stop, settings.poll_seconds)
         await drain(relay, 10.0)
         source.flush()

@@ -51,6 +51,8 @@ def _print_stack(stack: LocalStack, settings: Settings) -> None:
     print(f"Prefect UI and API   {ui}  (API {stack.api_url})")
     print(f"Drop raw files into  {settings.bucket_dir}/{settings.raw_prefix}<dataset>/<year>/")
     print(f"Warehouse (DuckDB)   {settings.warehouse_file}  table {settings.table}")
+    if stack.bridge_port:
+        print(f"Bridge health        http://127.0.0.1:{stack.bridge_port}/healthz  (/metrics)")
     print(f"Logs                 {stack.log_dir}")
 
 

@@ -72,6 +72,13 @@ class EventDelivery:
             await self._close_events()
             raise
 
+    async def healthcheck(self) -> None:
+        """Raise unless the Prefect API answers its health endpoint."""
+        assert self._api is not None, "use EventDelivery as an async context manager"
+        error = await self._api.api_healthcheck()
+        if error is not None:
+            raise error
+
     async def stored(self, events: list[Event]) -> set[UUID]:
         """The ids among `events` that the server has persisted (read back, 50 at a time)."""
         assert self._api is not None, "use EventDelivery as an async context manager"

@@ -99,6 +99,7 @@ class LocalStack:
     start_worker: bool = True
     ui: bool = True
     env: dict[str, str] = field(default_factory=dict)
+    bridge_port: int | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
 
     @property
@@ -200,6 +201,8 @@ class LocalStack:
                  self.settings.work_pool, "--type", "process"],
             )
         if self.start_bridge:
+            self.bridge_port = free_port()
+            self.env["TAXI_BRIDGE_PORT"] = str(self.bridge_port)
             self.spawn("bridge", [sys.executable, "-m", "pubsub_bridge"])
         return self
 

@@ -441,14 +441,17 @@ def test_precedence_in_a_mixed_batch() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    reason="BUG: flows/quality.py _outside() combines is_null with pc.or_ (not Kleene), so a "
-    "null location id gives a null mask and the row is kept instead of unknown_location",
-    strict=True,
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"pickup_location_id": None},
+        {"dropoff_location_id": None},
+        # the null even hides a definitely unknown zone on the other side
+        {"pickup_location_id": None, "dropoff_location_id": 300},
+    ],
 )
-@pytest.mark.parametrize("column", ["pickup_location_id", "dropoff_location_id"])
-def test_null_location_is_unknown_location(column: str) -> None:
-    assert reasons_of({column: None}) == [quality.UNKNOWN_LOCATION]
+def test_null_location_is_unknown_location(row: dict[str, Any]) -> None:
+    assert reasons_of(row) == [quality.UNKNOWN_LOCATION]
 
 
 def _raw_table(**overrides: list[Any]) -> pa.Table:
@@ -483,6 +486,15 @@ def test_null_passenger_count_is_kept_through_the_transform(tmp_path: Path) -> N
     assert result.processed.column("passenger_count").to_pylist() == [None, None]
     assert result.processed.column("total_amount").to_pylist() == [15.0, 70.0]
     assert result.rejects.column("total_amount").to_pylist() == [25.5]
+
+
+def test_missing_location_in_a_raw_file_is_rejected(tmp_path: Path) -> None:
+    table = _raw_table(PULocationID=pa.array([132.0, None, float("nan")], pa.float64()))
+    path = tmp_path / "raw.parquet"
+    pq.write_table(table, path)
+    result = run(path, tmp_path)
+    assert result.stats.rejected == Counter({quality.UNKNOWN_LOCATION: 2})
+    assert result.processed.column("pickup_location_id").to_pylist() == [132]
 
 
 # -- (d) bad files are quarantined with a kind ----------------------------------------

@@ -1,0 +1,93 @@
+"""`/healthz` and `/metrics` for the bridge, on a small thread-run WSGI server.
+
+The stdlib WSGI server is enough for a probe and a scrape every few seconds,
+and prometheus_client renders the metrics; no web framework is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pubsub_bridge.metrics import BridgeMetrics
+
+log = logging.getLogger(__name__)
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+@dataclass
+class HealthState:
+    """When each dependency last answered; stale means unhealthy."""
+
+    max_age: float = 30.0
+    last_ok: dict[str, float] = field(default_factory=dict)
+    last_error: dict[str, str] = field(default_factory=dict)
+
+    def ok(self, name: str) -> None:
+        self.last_ok[name] = time.monotonic()
+        self.last_error.pop(name, None)
+
+    def failed(self, name: str, error: str) -> None:
+        self.last_error[name] = error
+
+    def problems(self, required: Iterable[str]) -> list[str]:
+        now = time.monotonic()
+        found = []
+        for name in required:
+            seen = self.last_ok.get(name)
+            if seen is None or now - seen > self.max_age:
+                why = self.last_error.get(name, "no successful check yet")
+                found.append(f"{name}: {why}")
+        return found
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds
+        return
+
+
+class HealthServer:
+    def __init__(self, state: HealthState, metrics: BridgeMetrics, required: list[str],
+                 port: int, host: str = "0.0.0.0") -> None:
+        self.state = state
+        self.metrics = metrics
+        self.required = required
+        self._server: WSGIServer = make_server(host, port, self.app, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="bridge-health")
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def app(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+            return [generate_latest(self.metrics.registry)]
+        if path == "/healthz":
+            problems = self.state.problems(self.required)
+            body = ("ok\n" if not problems else "\n".join(problems) + "\n").encode()
+            start_response("200 OK" if not problems else "503 Service Unavailable",
+                           [("Content-Type", "text/plain")])
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"not found: try /healthz or /metrics\n"]
+
+    def start(self) -> HealthServer:
+        self._thread.start()
+        log.info("health and metrics on port %d (/healthz, /metrics)", self.port)
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

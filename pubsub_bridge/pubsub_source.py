@@ -1,0 +1,221 @@
+"""The emulator/gcp notification source: a Pub/Sub streaming pull.
+
+The subscriber client delivers messages on its own threads; they are handed to
+the asyncio loop, turned into events and given to the relay, which acks each
+message only once its event is read back from the Prefect server. While a
+message waits, the client's lease manager keeps extending its ack deadline (up
+to FlowControl.max_lease_duration), so nothing expires mid-confirmation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1  # type: ignore[attr-defined]
+from google.cloud.pubsub_v1.subscriber.message import Message
+from prefect.events import Event, Resource
+
+from pubsub_bridge.health import HealthState
+from pubsub_bridge.metrics import BridgeMetrics
+from pubsub_bridge.notifications import Ignored, Rejected, Scope, parse_notification
+from pubsub_bridge.relay import Relay, Submission
+from taxi_pipeline import events
+from taxi_pipeline.event_delivery import EventDelivery
+from taxi_pipeline.gcp_clients import subscriber_client
+from taxi_pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_REJECTED_NAMESPACE = uuid.UUID("0b5d2f4c-31a8-4f57-9a43-7f5d3b0c9e12")
+BATCH = 500
+CONFIRM_EVERY = 0.5
+
+
+def rejected_event(subscription: str, message: Message, error: Rejected) -> Event:
+    """`pipeline.notification.rejected`: the poison message, recorded where people look.
+
+    The id is derived from the message id, so a redelivery is stored once.
+    """
+    preview = bytes(message.data[:1024]).decode("utf-8", errors="replace")
+    return Event(
+        id=uuid.uuid5(_REJECTED_NAMESPACE, f"{subscription}\x00{message.message_id}"),
+        event=events.NOTIFICATION_REJECTED,
+        resource=Resource({
+            "prefect.resource.id": f"pubsub://{subscription}/messages/{message.message_id}",
+            "pubsub.subscription": subscription,
+        }),
+        payload={
+            "why": error.why,
+            "detail": error.detail,
+            "attributes": dict(message.attributes),
+            "data_preview": preview,
+            "data_bytes": len(message.data),
+            "message_id": message.message_id,
+        },
+    )
+
+
+def scope_of(settings: Settings) -> Scope:
+    return Scope(buckets=frozenset({settings.bucket}) if settings.bucket else frozenset(),
+                 prefixes=(settings.raw_prefix, settings.processed_prefix))
+
+
+class PubSubSource:
+    """Streaming pull into an asyncio queue, with flow control from the settings."""
+
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        settings.require("gcp_project", "pubsub_subscription")
+        self.settings = settings
+        self.loop = loop
+        self.queue: asyncio.Queue[Message] = asyncio.Queue()
+        self.client = subscriber_client(settings)
+        self.path = self.client.subscription_path(settings.gcp_project,
+                                                  settings.pubsub_subscription)
+        self.future: Any = None
+
+    def _on_message(self, message: Message) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, message)
+
+    def start(self) -> None:
+        try:
+            self.client.get_subscription(subscription=self.path)
+        except gexc.NotFound:
+            raise RuntimeError(
+                f"subscription {self.path} does not exist: run `taxi-pipeline gcp setup` "
+                "(or create it with gcloud, see the README)"
+            ) from None
+        flow_control = pubsub_v1.types.FlowControl(
+            max_messages=self.settings.pubsub_max_messages,
+            max_bytes=self.settings.pubsub_max_bytes,
+            max_lease_duration=3600,
+        )
+        self.future = self.client.subscribe(self.path, self._on_message,
+                                            flow_control=flow_control)
+        log.info("pulling %s (max %d messages, %d bytes outstanding)", self.path,
+                 self.settings.pubsub_max_messages, self.settings.pubsub_max_bytes)
+
+    def check(self) -> None:
+        """Raise if the streaming pull died; cheap call for the health loop."""
+        if self.future is not None and self.future.done():
+            raise RuntimeError(f"streaming pull stopped: {self.future.exception()}")
+        self.client.get_subscription(subscription=self.path, timeout=10)
+
+    async def take(self, limit: int, wait: float) -> list[Message]:
+        batch: list[Message] = []
+        with contextlib.suppress(TimeoutError):
+            batch.append(await asyncio.wait_for(self.queue.get(), timeout=wait))
+        while batch and len(batch) < limit and not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        return batch
+
+    def stop_pulling(self) -> None:
+        if self.future is not None:
+            self.future.cancel()
+            with contextlib.suppress(Exception):
+                self.future.result(timeout=10)
+
+    def release_queued(self) -> int:
+        """Nack what was pulled but never submitted, so it is redelivered at once."""
+        count = 0
+        while not self.queue.empty():
+            self.queue.get_nowait().nack()
+            count += 1
+        return count
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def to_submission(message: Message, settings: Settings, scope: Scope, source: PubSubSource,
+                  metrics: BridgeMetrics) -> Submission | None:
+    """An event for the relay, or None when the message is acked as out of scope."""
+    received = time.monotonic()
+    metrics.received.inc()
+    prefixes = {events.STAGE_RAW: settings.raw_prefix,
+                events.STAGE_PROCESSED: settings.processed_prefix}
+    try:
+        ref = parse_notification(message.attributes, message.data, scope)
+    except Ignored as ignored:
+        metrics.ignored.labels(why=ignored.why.split(":")[0]).inc()
+        log.info("ignored message=%s why=%s object=gs://%s/%s", message.message_id, ignored.why,
+                 message.attributes.get("bucketId"), message.attributes.get("objectId"))
+        message.ack()
+        return None
+    except Rejected as rejected:
+        metrics.rejected.labels(why=rejected.why).inc()
+        log.warning("rejected message=%s: %s", message.message_id, rejected)
+        return Submission(rejected_event(source.path, message, rejected),
+                          ack=message.ack, nack=message.nack, received_at=received)
+    event = events.object_finalized(ref, prefixes, message_id=message.message_id,
+                                    publish_time=message.publish_time)
+    return Submission(event, ack=message.ack, nack=message.nack, received_at=received)
+
+
+async def _health_loop(source: PubSubSource, delivery: EventDelivery, health: HealthState,
+                       stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(source.check)
+            health.ok("pubsub")
+        except Exception as exc:
+            health.failed("pubsub", str(exc))
+        try:
+            await delivery.healthcheck()
+            health.ok("prefect")
+        except Exception as exc:
+            health.failed("prefect", str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=5)
+
+
+async def run_pubsub_bridge(settings: Settings, stop: asyncio.Event, metrics: BridgeMetrics,
+                            health: HealthState) -> None:
+    """Pull until `stop` is set; then stop pulling and finish what is in flight."""
+    source = PubSubSource(settings, asyncio.get_running_loop())
+    scope = scope_of(settings)
+    source.start()
+    backoff = 0.0
+    async with EventDelivery() as delivery:
+        relay = Relay(delivery, metrics, resend_after=settings.bridge_confirm_seconds)
+        health_task = asyncio.create_task(_health_loop(source, delivery, health, stop))
+        last_confirm = 0.0
+        try:
+            while not stop.is_set():
+                if source.future is not None and source.future.done():
+                    raise RuntimeError(f"streaming pull stopped: {source.future.exception()}")
+                messages = await source.take(BATCH, wait=0.2)
+                submissions = [s for m in messages
+                               if (s := to_submission(m, settings, scope, source, metrics))]
+                if submissions:
+                    if await relay.submit(submissions):
+                        backoff = 0.0
+                    else:  # Prefect unreachable: nacked; slow down instead of spinning
+                        backoff = min(max(1.0, backoff * 2), 30.0)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), timeout=backoff)
+                if relay.pending and time.monotonic() - last_confirm >= CONFIRM_EVERY:
+                    await relay.confirm()
+                    last_confirm = time.monotonic()
+        finally:
+            log.info("stopping: no more pulls; finishing %d in-flight events", len(relay.pending))
+            source.stop_pulling()
+            # Messages pulled but not yet emitted go back at once; emitted ones get a
+            # last chance to be confirmed (and acked) before they are nacked too.
+            released = source.release_queued()
+            deadline = time.monotonic() + 20
+            while relay.pending and time.monotonic() < deadline:
+                await relay.confirm()
+                if relay.pending:
+                    await asyncio.sleep(0.5)
+            relay.release_all()
+            health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health_task
+            source.close()
+            log.info("stopped (%d queued messages released)", released)
