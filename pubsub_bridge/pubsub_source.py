@@ -94,6 +94,9 @@ class PubSubSource:
             max_messages=self.settings.pubsub_max_messages,
             max_bytes=self.settings.pubsub_max_bytes,
             max_lease_duration=3600,
+            # Each lease extension is at most the subscription's ack deadline, so the
+            # messages a crashed bridge held come back within that time, not 10 minutes.
+            max_duration_per_lease_extension=self.settings.pubsub_ack_deadline_seconds,
         )
         self.future = self.client.subscribe(self.path, self._on_message,
                                             flow_control=flow_control)

@@ -56,12 +56,16 @@ class Relay:
     async def submit(self, submissions: list[Submission]) -> bool:
         """Emit new events; returns False (and nacks them) when the server is unreachable."""
         fresh: list[Submission] = []
+        twins: dict[UUID, list[Submission]] = {}
         for sub in submissions:
             known = self.pending.get(sub.event.id)
             if known is not None:  # a redelivery of something in flight: ack both later
                 known.acks.append(sub.ack)
                 known.nacks.append(sub.nack)
+            elif sub.event.id in twins:  # the same event twice in this batch: emit once
+                twins[sub.event.id].append(sub)
             else:
+                twins[sub.event.id] = []
                 fresh.append(sub)
         if not fresh:
             return True
@@ -70,13 +74,15 @@ class Relay:
         except Exception as exc:
             log.warning("emit failed for %d events (%s); they will be retried", len(fresh), exc)
             for sub in fresh:
-                self.metrics.nacked.inc()
-                sub.nack()
+                for each in (sub, *twins[sub.event.id]):
+                    self.metrics.nacked.inc()
+                    each.nack()
             return False
         now = time.monotonic()
         for sub in fresh:
+            same = [sub, *twins[sub.event.id]]
             self.pending[sub.event.id] = Pending(sub.event, sub.received_at, now,
-                                                 [sub.ack], [sub.nack])
+                                                 [s.ack for s in same], [s.nack for s in same])
             self.metrics.emitted.inc()
             log.info("emitted event=%s id=%s uri=%s", sub.event.event, sub.event.id,
                      self._uri(sub.event))

@@ -32,9 +32,9 @@ from prefect.events.filters import (
     EventResourceFilter,
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
-
 from support.emulators import emulators_available, fake_gcs_server, free_port, pubsub_emulator
 from support.prefect_server import PrefectServer, postgres_available, postgres_database
+
 from taxi_pipeline import events
 
 pytestmark = pytest.mark.e2e
@@ -62,6 +62,7 @@ class GcpStack:
             "TAXI_PUBSUB_SUBSCRIPTION": SUBSCRIPTION,
             "TAXI_BRIDGE_PORT": str(port),
             "TAXI_BRIDGE_CONFIRM_SECONDS": "5",
+            "TAXI_PUBSUB_ACK_DEADLINE_SECONDS": "10",
             "PREFECT_API_URL": self.server.api_url,
             "PUBSUB_EMULATOR_HOST": self.pubsub_host,
             "STORAGE_EMULATOR_HOST": self.storage_host,
