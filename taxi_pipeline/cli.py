@@ -222,6 +222,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _with_api(settings, _status(settings, args.object))
 
 
+def cmd_gcp_setup(args: argparse.Namespace) -> int:
+    """Create bucket, topics, subscriptions and notifications (idempotent)."""
+    from taxi_pipeline.gcp_setup import setup
+
+    settings = get_settings()
+    if settings.profile == "local":
+        raise SystemExit("`taxi-pipeline gcp setup` needs TAXI_PROFILE=gcp (or emulator), "
+                         "TAXI_GCP_PROJECT and TAXI_BUCKET")
+    for line in setup(settings):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taxi-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="events and warehouse rows of one object")
     status.add_argument("object", help="object URI or name")
     status.set_defaults(func=cmd_status)
+    gcp = sub.add_parser("gcp", help="Google Cloud resources of the gcp/emulator profiles")
+    gcp_sub = gcp.add_subparsers(dest="gcp_command", required=True)
+    gcp_setup = gcp_sub.add_parser("setup", help="create bucket, Pub/Sub topics, subscriptions "
+                                   "and the bucket notification (idempotent)")
+    gcp_setup.set_defaults(func=cmd_gcp_setup)
     return parser
 
 

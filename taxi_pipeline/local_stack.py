@@ -186,7 +186,8 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         self.settings.home.mkdir(parents=True, exist_ok=True)
-        self.settings.bucket_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.profile == "local":
+            self.settings.bucket_dir.mkdir(parents=True, exist_ok=True)
         if self.api_url is None:
             self.api_url = os.environ.get("PREFECT_API_URL") or None
         if self.api_url:

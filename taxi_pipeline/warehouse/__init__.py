@@ -38,10 +38,18 @@ class Warehouse(Protocol):
 
 
 def warehouse_from_settings(settings: Settings) -> Warehouse:
+    """DuckDB for `local`; BigQuery (the emulator's or Google's) for `emulator` and `gcp`."""
     if settings.profile == "local":
         from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 
         return DuckDBWarehouse(settings.warehouse_file)
+    if settings.profile in ("emulator", "gcp"):
+        # Imported here so the local profile never needs the Google clients.
+        from taxi_pipeline.gcp_clients import bigquery_client
+        from taxi_pipeline.warehouse.bigquery_warehouse import BigQueryWarehouse
+
+        return BigQueryWarehouse(bigquery_client(settings), settings.bq_dataset,
+                                 settings.bq_location)
     raise NotImplementedError(
-        f"profile {settings.profile!r} has no warehouse yet; use TAXI_PROFILE=local"
+        f"profile {settings.profile!r} has no warehouse; use local, emulator or gcp"
     )

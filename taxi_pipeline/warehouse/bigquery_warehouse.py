@@ -1,0 +1,545 @@
+"""The emulator and gcp profiles' warehouse: one BigQuery dataset.
+
+A load never moves row data through the worker: a BigQuery load job reads the
+processed object straight from its gs:// URI into a staging table, then ONE
+MERGE replaces the source's rows in the target table atomically (a
+single DML statement is atomic in BigQuery; multi-statement transactions are
+not used because the emulator cannot bind query parameters inside scripts).
+A small `_loads` log makes redelivered events and retried runs no-ops.
+
+Exactly once in effect, step by step:
+  1. `_loads` says this (source generation, object, object generation) is loaded
+     -> "already_loaded"; a newer source generation is loaded -> "superseded".
+  2. Load job (deterministic id) -> a staging table of this object generation;
+     its rows are checked against the lineage read from the object's footer.
+  3. MERGE: delete the source's rows, insert the staging rows. It only ever
+     moves a source forward: with rows of a newer source generation present it
+     changes nothing, so racing loads of one source converge on the newest.
+  4. Upsert the `_loads` row (never lowering the generation), drop staging.
+A crash anywhere re-runs cleanly: the load job is adopted or re-run, and the
+MERGE replaces rather than appends, so no row is ever duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+from google.api_core import exceptions as api_exceptions
+from google.cloud import bigquery
+
+from taxi_pipeline.warehouse.base import LoadResult
+
+LOAD_LOG = "_loads"
+STAGING_PREFIX = "_staging_"
+# Leftover staging tables of crashed runs disappear by themselves on BigQuery.
+STAGING_TTL = timedelta(days=7)
+# Job ids are unique per project forever on BigQuery; a few extra attempts cover
+# a job that ran before but whose staging table is gone (see `_stage`).
+MAX_LOAD_ATTEMPTS = 3
+
+_PROJECT = re.compile(r"(?:[a-z][a-z0-9.-]*[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]")
+_DATASET = re.compile(r"[A-Za-z0-9_]{1,1024}")
+_TABLE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,1000}")
+_COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,299}")
+
+# The REST API answers with legacy type names; compare in standard SQL names.
+_LEGACY_TYPES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL"}
+
+_LOG_SCHEMA = [
+    bigquery.SchemaField("table_name", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("source_uri", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("source_generation", "INT64", mode="REQUIRED"),
+    bigquery.SchemaField("object_uri", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("object_generation", "INT64", mode="REQUIRED"),
+    bigquery.SchemaField("rows", "INT64", mode="REQUIRED"),
+    bigquery.SchemaField("loaded_at", "TIMESTAMP", mode="REQUIRED"),
+]
+
+logger = logging.getLogger(__name__)
+
+
+class BigQueryLoadError(RuntimeError):
+    """A load could not complete; the target table is unchanged. The message says why."""
+
+
+def bigquery_type(arrow_type: pa.DataType) -> str:
+    """Standard SQL type for an Arrow type (every timestamp is a TIMESTAMP)."""
+    if pa.types.is_timestamp(arrow_type):
+        return "TIMESTAMP"
+    if pa.types.is_integer(arrow_type) and arrow_type != pa.uint64():
+        return "INT64"
+    if pa.types.is_floating(arrow_type):
+        return "FLOAT64"
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "STRING"
+    if pa.types.is_boolean(arrow_type):
+        return "BOOL"
+    if pa.types.is_date32(arrow_type):
+        return "DATE"
+    raise TypeError(f"no BigQuery column type for Arrow type {arrow_type}")
+
+
+def bigquery_schema(schema: pa.Schema) -> list[bigquery.SchemaField]:
+    """The explicit BigQuery schema of an Arrow schema, same column order.
+
+    The order matters: the emulator matches parquet columns by position.
+    """
+    fields = []
+    for field in schema:
+        _check(_COLUMN, field.name, "column name", "letters, digits and _ (no leading digit)")
+        fields.append(bigquery.SchemaField(
+            field.name, bigquery_type(field.type), mode="NULLABLE" if field.nullable else "REQUIRED"
+        ))
+    return fields
+
+
+def _check(pattern: re.Pattern[str], value: str, what: str, allowed: str) -> str:
+    """Identifiers are formatted into SQL, so only safe spellings get through."""
+    if not pattern.fullmatch(value):
+        raise ValueError(f"invalid BigQuery {what} {value!r}: use {allowed}")
+    return value
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def _param(name: str, value: str | int) -> bigquery.ScalarQueryParameter:
+    return bigquery.ScalarQueryParameter(name, "STRING" if isinstance(value, str) else "INT64",
+                                         value)
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """What the staging table holds after the load job."""
+
+    rows: int
+    newer_generation: int | None  # set when the live object is a newer source generation
+
+
+class BigQueryWarehouse:
+    """Idempotent per-object loads into partitioned, clustered tables of one dataset."""
+
+    def __init__(
+        self,
+        client: bigquery.Client,
+        dataset: str,
+        location: str,
+        *,
+        partition_field: str | None = "pickup_datetime",
+        cluster_fields: tuple[str, ...] = ("pickup_location_id",),
+    ) -> None:
+        self.client = client
+        self.project = _check(_PROJECT, str(client.project), "project id",
+                              "a GCP project id such as my-project-123")
+        self.dataset = _check(_DATASET, dataset, "dataset name", "letters, digits and _")
+        self.location = location
+        self.partition_field = partition_field
+        self.cluster_fields = cluster_fields
+        self._ready: set[str] = set()
+
+    # -- names -----------------------------------------------------------------
+
+    def table_uri(self, table: str) -> str:
+        return f"bigquery://{self._table_id(table)}"
+
+    def _table_id(self, table: str) -> str:
+        _check(_TABLE, table, "table name", "letters, digits, _ and -")
+        return f"{self.project}.{self.dataset}.{table}"
+
+    def _sql(self, table: str) -> str:
+        """A validated table path quoted for SQL."""
+        return f"`{self._table_id(table)}`"
+
+    @staticmethod
+    def staging_table(table: str, source_uri: str, object_uri: str, object_generation: int
+                      ) -> str:
+        """One staging table per source and object generation.
+
+        Retries of one load overwrite it (WRITE_TRUNCATE); concurrent loads of two
+        generations of one source never share it, so neither merges the other's rows.
+        """
+        key = _digest(table, source_uri, object_uri, object_generation)[:16]
+        return f"{STAGING_PREFIX}{table}_{key}"
+
+    def _job_id(self, purpose: str, object_uri: str, object_generation: int,
+                destination: str, attempt: int) -> str:
+        """Deterministic: a retried load of the same object generation reuses the id.
+
+        The destination is part of the key so two datasets of one project can load
+        the same object without colliding.
+        """
+        key = _digest(object_uri, object_generation, purpose, destination)[:40]
+        job_id = f"taxi_{purpose}_{key}"
+        return job_id if attempt == 0 else f"{job_id}_retry{attempt}"
+
+    # -- DDL ---------------------------------------------------------------------
+
+    def _ensure_dataset(self) -> None:
+        dataset_id = f"{self.project}.{self.dataset}"
+        try:
+            dataset = self.client.get_dataset(dataset_id)
+        except api_exceptions.NotFound:
+            new = bigquery.Dataset(dataset_id)
+            new.location = self.location
+            dataset = self.client.create_dataset(new, exists_ok=True)
+        if dataset.location and dataset.location.upper() != self.location.upper():
+            raise BigQueryLoadError(
+                f"dataset {dataset_id} is in {dataset.location}, not {self.location}: set "
+                f"TAXI_BQ_LOCATION={dataset.location} or choose another TAXI_BQ_DATASET."
+            )
+
+    def ensure_table(self, table: str, schema: pa.Schema) -> None:
+        """Create the dataset, the table (partitioned, clustered) and `_loads` if missing.
+
+        An existing table must have the schema's columns and types: loading into
+        a table of another shape would fail half-way with a cryptic error.
+        """
+        if table in self._ready:
+            return
+        wanted = bigquery_schema(schema)
+        self._ensure_dataset()
+        target = bigquery.Table(self._table_id(table), schema=wanted)
+        if self.partition_field is not None:
+            self._require_column(schema, self.partition_field, "partition")
+            target.time_partitioning = bigquery.TimePartitioning(
+                type_=bigquery.TimePartitioningType.MONTH, field=self.partition_field
+            )
+        if self.cluster_fields:
+            for name in self.cluster_fields:
+                self._require_column(schema, name, "cluster")
+            target.clustering_fields = list(self.cluster_fields)
+        existing = self._get_or_create(target)
+        self._check_columns(table, existing.schema, wanted)
+        self._get_or_create(bigquery.Table(self._table_id(LOAD_LOG), schema=_LOG_SCHEMA))
+        self._ready.add(table)
+
+    @staticmethod
+    def _require_column(schema: pa.Schema, name: str, role: str) -> None:
+        if name not in schema.names:
+            raise ValueError(f"{role} column {name!r} is not in the schema ({schema.names})")
+
+    def _get_or_create(self, table: bigquery.Table) -> bigquery.Table:
+        try:
+            return self.client.get_table(table.reference)
+        except api_exceptions.NotFound:
+            return self.client.create_table(table, exists_ok=True)
+
+    def _check_columns(self, table: str, existing: list[bigquery.SchemaField],
+                       wanted: list[bigquery.SchemaField]) -> None:
+        have = {f.name: (_LEGACY_TYPES.get(f.field_type, f.field_type), f.mode) for f in existing}
+        problems = []
+        for field in wanted:
+            found = have.get(field.name)
+            if found is None:
+                problems.append(f"{field.name} is missing")
+            elif found[0] != field.field_type:
+                problems.append(f"{field.name} is {found[0]}, expected {field.field_type}")
+            elif found[1] == "REQUIRED" and field.mode != "REQUIRED":
+                problems.append(f"{field.name} is REQUIRED but the data may hold nulls")
+        if problems:
+            raise BigQueryLoadError(
+                f"table {self._table_id(table)} does not fit the processed files: "
+                f"{'; '.join(problems)}. Migrate it, or load into a new table (TAXI_TABLE)."
+            )
+
+    # -- queries -----------------------------------------------------------------
+
+    def _query(self, sql: str, params: Mapping[str, str | int] | None = None
+               ) -> tuple[bigquery.QueryJob, list[bigquery.Row]]:
+        """Run one parameterised statement; (finished job, result rows)."""
+        config = bigquery.QueryJobConfig(
+            query_parameters=[_param(name, value) for name, value in (params or {}).items()]
+        )
+        job = self.client.query(sql, job_config=config, location=self.location,
+                                job_id_prefix="taxi_")
+        return job, list(job.result())
+
+    def _previous_load(self, table: str, source_uri: str) -> tuple[int, str, int] | None:
+        _, rows = self._query(
+            f"SELECT source_generation, object_uri, object_generation FROM {self._sql(LOAD_LOG)}"
+            " WHERE table_name = @table_name AND source_uri = @source_uri"
+            " ORDER BY source_generation DESC, loaded_at DESC LIMIT 1",
+            {"table_name": table, "source_uri": source_uri},
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return int(row["source_generation"]), str(row["object_uri"]), int(row["object_generation"])
+
+    # -- the load ------------------------------------------------------------------
+
+    def load_object(
+        self,
+        *,
+        object_uri: str,
+        object_generation: int,
+        table: str,
+        schema: pa.Schema,
+        source_uri: str,
+        source_generation: int,
+    ) -> LoadResult:
+        """Replace the rows of `source_uri` in `table` with the object's rows, atomically.
+
+        Loading the same object generation again changes nothing; an older
+        generation of the source than the one loaded is refused as superseded.
+        """
+        if not object_uri.startswith("gs://"):
+            raise ValueError(f"the BigQuery warehouse loads gs:// objects, not {object_uri!r}")
+        try:
+            return self._load(object_uri, object_generation, table, schema, source_uri,
+                              source_generation)
+        except api_exceptions.Forbidden as exc:
+            raise BigQueryLoadError(
+                f"BigQuery refused the load of {object_uri} into {self._table_id(table)}: "
+                f"{exc.message}. The identity needs roles/bigquery.jobUser on project "
+                f"{self.project}, roles/bigquery.dataEditor on dataset {self.dataset} and "
+                "roles/storage.objectViewer on the bucket."
+            ) from exc
+
+    def _load(self, object_uri: str, object_generation: int, table: str, schema: pa.Schema,
+              source_uri: str, source_generation: int) -> LoadResult:
+        def result(status: str, rows: int = 0, replaced: int = 0) -> LoadResult:
+            return LoadResult(table, source_uri, source_generation, rows, replaced, status)
+
+        self.ensure_table(table, schema)
+        previous = self._previous_load(table, source_uri)
+        if previous is not None:
+            if previous[0] > source_generation:
+                return result("superseded")
+            if previous == (source_generation, object_uri, object_generation):
+                return result("already_loaded")
+
+        staging = self.staging_table(table, source_uri, object_uri, object_generation)
+        staged = self._stage(object_uri, object_generation, staging, schema, source_uri,
+                             source_generation)
+        if staged.newer_generation is not None:
+            logger.info("%s now holds source generation %d, not %d: superseded", object_uri,
+                        staged.newer_generation, source_generation)
+            self._drop(staging)
+            return result("superseded")
+
+        inserted, deleted = self._replace_rows(table, staging, schema, source_uri,
+                                               source_generation, staged.rows)
+        if inserted == 0 and staged.rows > 0:  # a newer generation was merged meanwhile
+            self._drop(staging)
+            return result("superseded", 0, deleted)
+        self._record(table, source_uri, source_generation, object_uri, object_generation,
+                     inserted)
+        self._drop(staging)
+        return result("loaded", inserted, deleted)
+
+    def _stage(self, object_uri: str, object_generation: int, staging: str, schema: pa.Schema,
+               source_uri: str, source_generation: int) -> _Staged:
+        """Load the object into the staging table and check its rows' lineage.
+
+        A job adopted after a 409 (BigQuery: that id ran before) is only trusted if
+        the staging table still holds its rows; when a finished run already dropped
+        it, the load runs again under the next attempt id.
+        """
+        fields = bigquery_schema(schema)
+        for attempt in range(MAX_LOAD_ATTEMPTS):
+            self._create_staging(staging, fields)
+            job_id = self._job_id("stage", object_uri, object_generation,
+                                  self._table_id(staging), attempt)
+            job, adopted = self._run_load_job(job_id, object_uri, staging, fields)
+            staged = self._inspect_staging(staging, object_uri, source_uri, source_generation)
+            if staged is not None and staged.rows == (job.output_rows or 0):
+                return staged
+            if not adopted:
+                raise BigQueryLoadError(
+                    f"load job {job_id} reported {job.output_rows} rows of {object_uri} but "
+                    f"staging table {self._table_id(staging)} holds "
+                    f"{'none' if staged is None else staged.rows}: another run loaded the same "
+                    "object at the same time. Retry; it will find the object loaded."
+                )
+            logger.info("job %s ran before but staging no longer holds its rows; loading again",
+                        job_id)
+        raise BigQueryLoadError(
+            f"{object_uri} (generation {object_generation}) was loaded {MAX_LOAD_ATTEMPTS} times "
+            "before without being recorded in the load log; write a new generation of the "
+            "object (re-run the transform) to load it under a fresh job id."
+        )
+
+    def _create_staging(self, staging: str, fields: list[bigquery.SchemaField]) -> None:
+        """The emulator cannot load into a missing table, so create it first."""
+        table = bigquery.Table(self._table_id(staging), schema=fields)
+        table.expires = datetime.now(UTC) + STAGING_TTL
+        self.client.create_table(table, exists_ok=True)
+
+    def _run_load_job(self, job_id: str, object_uri: str, staging: str,
+                      fields: list[bigquery.SchemaField]) -> tuple[bigquery.LoadJob, bool]:
+        """(finished load job, adopted): adopted means it already existed (409 Conflict)."""
+        config = bigquery.LoadJobConfig(
+            source_format=bigquery.SourceFormat.PARQUET,
+            write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
+            create_disposition=bigquery.CreateDisposition.CREATE_IF_NEEDED,
+            schema=fields,
+        )
+        adopted = False
+        try:
+            job = self.client.load_table_from_uri(
+                object_uri, self._table_id(staging), job_id=job_id, location=self.location,
+                job_config=config,
+            )
+        except api_exceptions.Conflict:
+            adopted = True
+            found = self.client.get_job(job_id, location=self.location)
+            if not isinstance(found, bigquery.LoadJob):
+                raise BigQueryLoadError(
+                    f"job id {job_id} is taken by a {type(found).__name__}, not a load job"
+                ) from None
+            job = found
+        try:
+            job.result()
+        except api_exceptions.GoogleAPICallError as exc:
+            reason = (job.error_result or {}).get("message") or getattr(exc, "message", str(exc))
+            if adopted:
+                raise BigQueryLoadError(
+                    f"load job {job_id} for {object_uri} already ran on BigQuery and failed: "
+                    f"{reason}. A job id cannot be reused, so fix the cause and write a new "
+                    "generation of the object (re-run the transform for its source)."
+                ) from exc
+            raise BigQueryLoadError(
+                f"load job {job_id} could not read {object_uri}: {reason}. Nothing in the "
+                "table changed. Check that the object exists, is a parquet file written by "
+                "the transform flow and is readable by BigQuery; then re-emit it."
+            ) from exc
+        return job, adopted
+
+    def _inspect_staging(self, staging: str, object_uri: str, source_uri: str,
+                         source_generation: int) -> _Staged | None:
+        """Rows in staging and whether they carry the expected lineage; None if it is gone.
+
+        A load job reads the live object, which may be a newer generation than the
+        event named: its rows then carry a newer source generation.
+        """
+        try:
+            _, rows = self._query(
+                "SELECT COUNT(*) AS n, COUNTIF(source_uri != @source_uri) AS foreign_rows,"
+                " MIN(source_generation) AS min_generation,"
+                f" MAX(source_generation) AS max_generation FROM {self._sql(staging)}",
+                {"source_uri": source_uri},
+            )
+        except api_exceptions.NotFound:
+            return None
+        row = rows[0]
+        count = int(row["n"])
+        if count == 0:
+            return _Staged(0, None)
+        low, high = int(row["min_generation"]), int(row["max_generation"])
+        if int(row["foreign_rows"]) == 0 and low == high:
+            if high == source_generation:
+                return _Staged(count, None)
+            if high > source_generation:
+                return _Staged(count, high)
+        self._drop(staging)
+        raise BigQueryLoadError(
+            f"{object_uri} does not hold the rows of {source_uri} generation "
+            f"{source_generation} (its rows name {row['foreign_rows']} other sources and "
+            f"generations {low}..{high}); the table was not changed. Re-run the transform "
+            "for the source so the processed object matches its lineage."
+        )
+
+    def _replace_rows(self, table: str, staging: str, schema: pa.Schema, source_uri: str,
+                      source_generation: int, staged_rows: int) -> tuple[int, int]:
+        """(inserted, deleted) by ONE atomic MERGE.
+
+        `ON FALSE` makes every source row of the target "not matched by source"
+        (deleted) and every staging row "not matched" (inserted). The USING guard
+        inserts nothing while the target holds a newer generation of the source,
+        and the DELETE spares such rows. The explicit INSERT column list (not
+        `INSERT ROW`) is needed by the emulator and fine on BigQuery.
+        """
+        columns = [f"`{name}`" for name in schema.names]  # validated by bigquery_schema
+        target = self._sql(table)
+        job, _ = self._query(
+            f"MERGE {target} AS T\n"
+            f"USING (\n"
+            f"  SELECT * FROM {self._sql(staging)}\n"
+            f"  WHERE NOT EXISTS (SELECT 1 FROM {target}\n"
+            f"    WHERE source_uri = @source_uri AND source_generation > @source_generation)\n"
+            f") AS S\n"
+            f"ON FALSE\n"
+            f"WHEN NOT MATCHED BY SOURCE AND T.source_uri = @source_uri\n"
+            f"  AND T.source_generation <= @source_generation THEN DELETE\n"
+            f"WHEN NOT MATCHED THEN INSERT ({', '.join(columns)})\n"
+            f"  VALUES ({', '.join('S.' + c for c in columns)})",
+            {"source_uri": source_uri, "source_generation": source_generation},
+        )
+        stats = job.dml_stats
+        if stats is not None:
+            return int(stats.inserted_row_count), int(stats.deleted_row_count)
+        # The emulator reports only the total; the guard inserts all staged rows or none.
+        affected = int(job.num_dml_affected_rows or 0)
+        inserted = staged_rows if affected >= staged_rows else 0
+        return inserted, affected - inserted
+
+    def _record(self, table: str, source_uri: str, source_generation: int, object_uri: str,
+                object_generation: int, rows: int) -> None:
+        """Upsert the `_loads` row; a lower generation never overwrites a higher one."""
+        self._query(
+            f"MERGE {self._sql(LOAD_LOG)} AS L\n"
+            "USING (SELECT @table_name AS table_name, @source_uri AS source_uri,"
+            " @source_generation AS source_generation, @object_uri AS object_uri,"
+            " @object_generation AS object_generation, @rows AS `rows`) AS N\n"
+            "ON L.table_name = N.table_name AND L.source_uri = N.source_uri\n"
+            "WHEN MATCHED AND L.source_generation <= N.source_generation THEN UPDATE SET"
+            " source_generation = N.source_generation, object_uri = N.object_uri,"
+            " object_generation = N.object_generation, `rows` = N.`rows`,"
+            " loaded_at = CURRENT_TIMESTAMP()\n"
+            "WHEN NOT MATCHED THEN INSERT (table_name, source_uri, source_generation,"
+            " object_uri, object_generation, `rows`, loaded_at) VALUES (N.table_name,"
+            " N.source_uri, N.source_generation, N.object_uri, N.object_generation, N.`rows`,"
+            " CURRENT_TIMESTAMP())",
+            {"table_name": table, "source_uri": source_uri,
+             "source_generation": source_generation, "object_uri": object_uri,
+             "object_generation": object_generation, "rows": rows},
+        )
+
+    def _drop(self, staging: str) -> None:
+        """Best effort: a leftover staging table expires by itself."""
+        try:
+            self.client.delete_table(self._table_id(staging), not_found_ok=True)
+        except api_exceptions.GoogleAPICallError as exc:
+            logger.warning("could not drop staging table %s: %s", staging, exc)
+
+    # -- reads ---------------------------------------------------------------------
+
+    def loaded(self, table: str, source_uri: str) -> tuple[int, int] | None:
+        """(source generation, rows) of the last load of `source_uri`, or None."""
+        try:
+            _, rows = self._query(
+                f"SELECT source_generation, `rows` FROM {self._sql(LOAD_LOG)}"
+                " WHERE table_name = @table_name AND source_uri = @source_uri"
+                " ORDER BY source_generation DESC, loaded_at DESC LIMIT 1",
+                {"table_name": table, "source_uri": source_uri},
+            )
+        except api_exceptions.NotFound:
+            return None
+        return (int(rows[0]["source_generation"]), int(rows[0]["rows"])) if rows else None
+
+    def rows_for(self, table: str, source_uri: str) -> int | None:
+        """Rows loaded from `source_uri`, or None when the table does not exist yet."""
+        try:
+            _, rows = self._query(
+                f"SELECT COUNT(*) AS n FROM {self._sql(table)} WHERE source_uri = @source_uri",
+                {"source_uri": source_uri},
+            )
+        except api_exceptions.NotFound:
+            return None
+        return int(rows[0]["n"])
+
+    def loads(self) -> list[dict[str, object]]:
+        """The load log, newest first (what the status command shows)."""
+        try:
+            _, rows = self._query(f"SELECT * FROM {self._sql(LOAD_LOG)} ORDER BY loaded_at DESC")
+        except api_exceptions.NotFound:
+            return []
+        return [dict(row.items()) for row in rows]

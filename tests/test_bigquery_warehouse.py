@@ -1,0 +1,523 @@
+"""Idempotent per-object loads into BigQuery, against fake-gcs-server and bqemulator.
+
+Processed files come from the real transform of synthetic TLC months and reach
+the warehouse the production way: uploaded to (fake) GCS, then a load job from
+the gs:// URI. The emulator re-runs a repeated job id where BigQuery answers
+409 Conflict; `RealJobIdClient` restores BigQuery's answer so the adopt-or-retry
+path is exercised too.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from google.api_core.exceptions import Conflict
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import bigquery, storage
+from support.emulators import (
+    BigQueryEmulator,
+    bigquery_emulator,
+    emulators_available,
+    fake_gcs_server,
+)
+
+from flows.tlc_schema import CANONICAL_SCHEMA
+from flows.transform_core import transform_parquet
+from taxi_pipeline.sample_data import generate_month, write_month
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.warehouse import LoadResult, warehouse_from_settings
+from taxi_pipeline.warehouse.bigquery_warehouse import (
+    LOAD_LOG,
+    STAGING_PREFIX,
+    BigQueryLoadError,
+    BigQueryWarehouse,
+    bigquery_schema,
+)
+
+PROJECT = "taxi-test"
+LOCATION = "US"
+BUCKET = "taxi-lake"
+TABLE = "trips"
+YELLOW_URI = f"gs://{BUCKET}/raw/yellow/2024/yellow_tripdata_2024-01.parquet"
+GREEN_URI = f"gs://{BUCKET}/raw/green/2024/green_tripdata_2024-01.parquet"
+
+
+@dataclass(frozen=True)
+class Processed:
+    """One processed object generation in fake GCS, as the transform flow writes it."""
+
+    path: Path
+    uri: str
+    generation: int  # the processed object's own generation
+    source_uri: str
+    source_generation: int
+    rows: int
+
+
+@dataclass
+class Stack:
+    bq: BigQueryEmulator
+    bucket: storage.Bucket
+    client: bigquery.Client
+    work: Path
+
+    def processed(
+        self,
+        *,
+        dataset: str = "yellow",
+        source_uri: str = YELLOW_URI,
+        source_generation: int = 1,
+        rows: int = 1_500,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> Processed:
+        """Transform a synthetic raw month and upload the result (a new object generation)."""
+        sample = generate_month(dataset, 2024, 1, rows, seed=seed)  # type: ignore[arg-type]
+        tag = f"{dataset}-{source_generation}-{rows}-{seed}-{uuid.uuid4().hex[:6]}"
+        raw = write_month(sample, self.work / "raw" / f"{tag}.parquet")
+        out = self.work / "processed" / f"{tag}.parquet"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stats = transform_parquet(
+            raw,
+            out,
+            self.work / "processed" / f"{tag}.rejects.parquet",
+            source_uri=source_uri,
+            source_generation=source_generation,
+            taxi_type=dataset,
+            month=(2024, 1),
+            ingested_at=datetime(2025, 1, 1, tzinfo=UTC),
+        )
+        blob = self.bucket.blob(name or f"processed/{dataset}/{tag}.parquet")
+        blob.upload_from_filename(str(out))
+        assert blob.generation is not None
+        return Processed(out, f"gs://{BUCKET}/{blob.name}", int(blob.generation), source_uri,
+                         source_generation, stats.rows_out)
+
+
+class WorkerKilled(BaseException):
+    """Stands for the worker dying mid-load (not an Exception: nothing may catch it)."""
+
+
+def crash(*args: object) -> None:
+    raise WorkerKilled
+
+
+class RealJobIdClient(bigquery.Client):
+    """Answers a repeated load job id with 409 Conflict, as BigQuery does.
+
+    (bqemulator accepts the id again and re-runs the job.) The job itself stays
+    on the emulator, so `get_job` returns its real outcome.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.load_job_ids: list[str] = []
+        self.conflicts: list[str] = []
+
+    def load_table_from_uri(self, source_uris: Any, destination: Any,  # type: ignore[override]
+                            job_id: str | None = None, **kwargs: Any) -> bigquery.LoadJob:
+        if job_id is not None and job_id in self.load_job_ids:
+            self.conflicts.append(job_id)
+            raise Conflict(f"Already Exists: Job {self.project}:{LOCATION}.{job_id}")
+        if job_id is not None:
+            self.load_job_ids.append(job_id)
+        return super().load_table_from_uri(source_uris, destination, job_id=job_id, **kwargs)
+
+
+def bq_client(bq: BigQueryEmulator, cls: type[bigquery.Client] = bigquery.Client
+              ) -> bigquery.Client:
+    return cls(project=PROJECT, credentials=AnonymousCredentials(), location=LOCATION,
+               client_options={"api_endpoint": bq.endpoint})
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    reason = emulators_available()
+    if reason is not None:
+        pytest.skip(reason)
+    work = tmp_path_factory.mktemp("bigquery-warehouse")
+    with (
+        fake_gcs_server(work / "gcs", log_path=work / "fake-gcs-server.log") as gcs,
+        bigquery_emulator(PROJECT, gcs.root, log_path=work / "bqemulator.log") as bq,
+        pytest.MonkeyPatch.context() as env,
+    ):
+        env.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+        gcs_client = storage.Client(project=PROJECT, credentials=AnonymousCredentials())
+        bucket = gcs_client.create_bucket(BUCKET)
+        yield Stack(bq, bucket, bq_client(bq), work)
+
+
+@pytest.fixture
+def dataset() -> str:
+    """Each test gets its own dataset on the shared emulator."""
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def warehouse(stack: Stack, dataset: str) -> BigQueryWarehouse:
+    return BigQueryWarehouse(stack.client, dataset, LOCATION)
+
+
+def load(warehouse: BigQueryWarehouse, p: Processed, **overrides: Any) -> LoadResult:
+    args: dict[str, Any] = {
+        "object_uri": p.uri,
+        "object_generation": p.generation,
+        "table": TABLE,
+        "schema": CANONICAL_SCHEMA,
+        "source_uri": p.source_uri,
+        "source_generation": p.source_generation,
+    }
+    args.update(overrides)
+    return warehouse.load_object(**args)
+
+
+def query(warehouse: BigQueryWarehouse, sql: str, **params: str | int) -> list[tuple[Any, ...]]:
+    """Run SQL with `{t}` = the trips table, `{log}` = the load log."""
+    sql = sql.format(t=f"`{PROJECT}.{warehouse.dataset}.{TABLE}`",
+                     log=f"`{PROJECT}.{warehouse.dataset}.{LOAD_LOG}`")
+    config = bigquery.QueryJobConfig(query_parameters=[
+        bigquery.ScalarQueryParameter(k, "STRING" if isinstance(v, str) else "INT64", v)
+        for k, v in params.items()])
+    return [tuple(row.values()) for row in warehouse.client.query(sql, job_config=config)]
+
+
+def total_rows(warehouse: BigQueryWarehouse) -> int:
+    [(n,)] = query(warehouse, "SELECT COUNT(*) AS n FROM {t}")
+    return int(n)
+
+
+def tables(warehouse: BigQueryWarehouse) -> set[str]:
+    return {t.table_id for t in warehouse.client.list_tables(f"{PROJECT}.{warehouse.dataset}")}
+
+
+def test_schema_conversion() -> None:
+    fields = {f.name: (f.field_type, f.mode) for f in bigquery_schema(CANONICAL_SCHEMA)}
+    assert list(fields) == CANONICAL_SCHEMA.names  # position matters to the emulator
+    assert fields["pickup_datetime"] == ("TIMESTAMP", "NULLABLE")
+    assert fields["ingested_at"] == ("TIMESTAMP", "REQUIRED")
+    assert fields["passenger_count"] == ("INT64", "NULLABLE")
+    assert fields["total_amount"] == ("FLOAT64", "NULLABLE")
+    assert fields["taxi_type"] == ("STRING", "REQUIRED")
+    assert {n for n, (_, mode) in fields.items() if mode == "REQUIRED"} == {
+        "taxi_type", "source_uri", "source_generation", "ingested_at"}
+
+
+def test_nothing_loaded_yet(warehouse: BigQueryWarehouse) -> None:
+    assert warehouse.loaded(TABLE, YELLOW_URI) is None
+    assert warehouse.rows_for(TABLE, YELLOW_URI) is None
+    assert warehouse.loads() == []
+    assert warehouse.table_uri(TABLE) == f"bigquery://{PROJECT}.{warehouse.dataset}.trips"
+
+
+def test_first_load_creates_a_partitioned_clustered_table(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    p = stack.processed()
+    result = load(warehouse, p)
+    assert result == LoadResult(TABLE, YELLOW_URI, 1, p.rows, 0, "loaded")
+    assert p.rows > 1_000
+
+    table = warehouse.client.get_table(f"{PROJECT}.{warehouse.dataset}.{TABLE}")
+    assert table.time_partitioning is not None
+    assert table.time_partitioning.type_ == "MONTH"
+    assert table.time_partitioning.field == "pickup_datetime"
+    assert table.clustering_fields == ["pickup_location_id"]
+    assert [f.name for f in table.schema] == CANONICAL_SCHEMA.names
+    types = {f.name: f.field_type for f in table.schema}
+    assert types["pickup_datetime"] == "TIMESTAMP"
+    assert types["ingested_at"] == "TIMESTAMP"
+    assert types["vendor_id"] in ("INT64", "INTEGER")
+    assert {f.name for f in table.schema if f.mode == "REQUIRED"} == {
+        "taxi_type", "source_uri", "source_generation", "ingested_at"}
+    assert tables(warehouse) == {TABLE, LOAD_LOG}  # the staging table is gone
+
+    # exactly the processed file's rows, value for value
+    expected = pq.read_table(p.path)
+    [(n, total, first, last, ingested)] = query(
+        warehouse,
+        "SELECT COUNT(*), SUM(total_amount), MIN(pickup_datetime), MAX(pickup_datetime),"
+        " MAX(ingested_at) FROM {t}",
+    )
+    assert n == p.rows
+    assert total == pytest.approx(pc.sum(expected.column("total_amount")).as_py())
+    assert first == pc.min(expected.column("pickup_datetime")).as_py().replace(tzinfo=UTC)
+    assert last == pc.max(expected.column("pickup_datetime")).as_py().replace(tzinfo=UTC)
+    assert ingested == datetime(2025, 1, 1, tzinfo=UTC)
+
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == p.rows
+    assert warehouse.loaded(TABLE, YELLOW_URI) == (1, p.rows)
+    [log] = warehouse.loads()
+    assert (log["table_name"], log["source_uri"], log["object_uri"], log["object_generation"],
+            log["rows"]) == (TABLE, YELLOW_URI, p.uri, p.generation, p.rows)
+
+
+def test_same_object_generation_again_is_already_loaded(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    p = stack.processed()
+    load(warehouse, p)
+    for _ in range(3):  # redelivered notifications, retried load runs
+        assert load(warehouse, p) == LoadResult(TABLE, YELLOW_URI, 1, 0, 0, "already_loaded")
+    assert total_rows(warehouse) == p.rows
+    assert len(warehouse.loads()) == 1
+
+
+def test_rerun_after_losing_the_log_row_does_not_duplicate(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    """A crash between the MERGE and the log write: the rerun replaces, never appends."""
+    p = stack.processed()
+    load(warehouse, p)
+    query(warehouse, "DELETE FROM {log} WHERE source_uri = @u", u=YELLOW_URI)
+    assert warehouse.loaded(TABLE, YELLOW_URI) is None
+    result = load(warehouse, p)
+    assert result == LoadResult(TABLE, YELLOW_URI, 1, p.rows, p.rows, "loaded")
+    assert total_rows(warehouse) == p.rows
+    assert warehouse.loaded(TABLE, YELLOW_URI) == (1, p.rows)
+    assert tables(warehouse) == {TABLE, LOAD_LOG}
+
+
+def test_crash_after_merge_before_log_reruns_cleanly(
+    warehouse: BigQueryWarehouse, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = stack.processed()
+    monkeypatch.setattr(warehouse, "_record", crash)
+    with pytest.raises(WorkerKilled):
+        load(warehouse, p)
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == p.rows  # the MERGE had committed
+    assert warehouse.loaded(TABLE, YELLOW_URI) is None
+    assert len(tables(warehouse)) == 3  # staging left behind
+    monkeypatch.undo()
+    assert load(warehouse, p).status == "loaded"
+    assert total_rows(warehouse) == p.rows
+    assert warehouse.loaded(TABLE, YELLOW_URI) == (1, p.rows)
+    assert tables(warehouse) == {TABLE, LOAD_LOG}
+
+
+def test_newer_source_generation_replaces_rows(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    old = stack.processed(source_generation=1, rows=1_500)
+    new = stack.processed(source_generation=2, rows=2_500)
+    assert new.rows != old.rows
+    load(warehouse, old)
+    result = load(warehouse, new)
+    assert result == LoadResult(TABLE, YELLOW_URI, 2, new.rows, old.rows, "loaded")
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == new.rows  # replaced, not summed
+    assert total_rows(warehouse) == new.rows
+    assert warehouse.loaded(TABLE, YELLOW_URI) == (2, new.rows)
+    assert query(warehouse, "SELECT DISTINCT source_generation FROM {t}") == [(2,)]
+
+    # an older generation delivered late changes nothing
+    late = load(warehouse, old)
+    assert late == LoadResult(TABLE, YELLOW_URI, 1, 0, 0, "superseded")
+    assert total_rows(warehouse) == new.rows
+    assert warehouse.loaded(TABLE, YELLOW_URI) == (2, new.rows)
+
+
+def test_the_merge_never_moves_a_source_backwards(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    """Two loads of one source racing past the log check: the older one changes nothing."""
+    old = stack.processed(source_generation=1, rows=1_500)
+    new = stack.processed(source_generation=2, rows=2_500)
+    load(warehouse, new)
+    query(warehouse, "DELETE FROM {log} WHERE source_uri = @u", u=YELLOW_URI)  # the race
+    assert load(warehouse, old) == LoadResult(TABLE, YELLOW_URI, 1, 0, 0, "superseded")
+    assert query(warehouse, "SELECT source_generation, COUNT(*) FROM {t} GROUP BY 1") == [
+        (2, new.rows)]
+    assert tables(warehouse) == {TABLE, LOAD_LOG}
+
+
+def test_retransform_of_the_same_source_generation_replaces_rows(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    """A new processed object of the same raw generation (a re-emit) is loaded again."""
+    first = stack.processed(source_generation=5, rows=1_000)
+    second = stack.processed(source_generation=5, rows=1_200, seed=1)
+    load(warehouse, first)
+    assert load(warehouse, second).status == "loaded"
+    assert total_rows(warehouse) == second.rows
+
+
+def test_two_sources_coexist(warehouse: BigQueryWarehouse, stack: Stack) -> None:
+    yellow = stack.processed(rows=1_500)
+    green = stack.processed(dataset="green", source_uri=GREEN_URI, rows=1_200)
+    load(warehouse, yellow)
+    load(warehouse, green)
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == yellow.rows
+    assert warehouse.rows_for(TABLE, GREEN_URI) == green.rows
+    assert sorted(query(warehouse, "SELECT taxi_type, COUNT(*) FROM {t} GROUP BY 1")) == [
+        ("green", green.rows), ("yellow", yellow.rows)]
+    newer_green = stack.processed(dataset="green", source_uri=GREEN_URI, source_generation=2,
+                                  rows=800)
+    load(warehouse, newer_green)
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == yellow.rows  # untouched
+    assert warehouse.rows_for(TABLE, GREEN_URI) == newer_green.rows
+    assert warehouse.loaded(TABLE, GREEN_URI) == (2, newer_green.rows)
+    assert len(warehouse.loads()) == 2
+    # unknown sources and tables
+    assert warehouse.rows_for(TABLE, "gs://elsewhere/x.parquet") == 0
+    assert warehouse.loaded(TABLE, "gs://elsewhere/x.parquet") is None
+    assert warehouse.rows_for("other_table", YELLOW_URI) is None
+    assert warehouse.loaded("other_table", YELLOW_URI) is None
+
+
+def test_object_overwritten_since_the_event_is_superseded(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    """A load job reads the live object: a stale event must not load newer rows as old."""
+    name = f"processed/yellow/{uuid.uuid4().hex}.parquet"
+    old = stack.processed(source_generation=1, name=name)
+    new = stack.processed(source_generation=2, rows=900, name=name)  # overwrites the object
+    assert old.uri == new.uri and old.generation != new.generation
+    assert load(warehouse, old).status == "superseded"
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == 0
+    assert warehouse.loaded(TABLE, YELLOW_URI) is None
+    assert load(warehouse, new).status == "loaded"
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == new.rows
+
+
+def test_rows_of_another_source_are_refused(warehouse: BigQueryWarehouse, stack: Stack) -> None:
+    p = stack.processed()
+    with pytest.raises(BigQueryLoadError, match="does not hold the rows of"):
+        load(warehouse, p, source_uri=GREEN_URI)
+    assert warehouse.rows_for(TABLE, GREEN_URI) == 0
+    assert total_rows(warehouse) == 0
+    assert tables(warehouse) == {TABLE, LOAD_LOG}
+
+
+def test_missing_object_fails_without_damage(warehouse: BigQueryWarehouse, stack: Stack) -> None:
+    good = stack.processed(source_generation=1)
+    load(warehouse, good)
+    newer = stack.processed(source_generation=2)
+    with pytest.raises(BigQueryLoadError, match=r"(?s)could not read .*gone\.parquet.*re-emit"):
+        load(warehouse, newer, object_uri=f"gs://{BUCKET}/processed/gone.parquet")
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == good.rows
+    assert warehouse.loaded(TABLE, YELLOW_URI) == (1, good.rows)
+    assert load(warehouse, newer).status == "loaded"  # and the warehouse still works
+    assert total_rows(warehouse) == newer.rows
+
+
+def test_non_gs_uri_is_refused(warehouse: BigQueryWarehouse, stack: Stack) -> None:
+    p = stack.processed()
+    with pytest.raises(ValueError, match="gs://"):
+        load(warehouse, p, object_uri=p.path.as_uri())
+
+
+def test_existing_table_of_another_shape_is_refused(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    warehouse.client.create_dataset(f"{PROJECT}.{warehouse.dataset}")
+    warehouse.client.create_table(bigquery.Table(
+        f"{PROJECT}.{warehouse.dataset}.{TABLE}",
+        schema=[bigquery.SchemaField("source_uri", "STRING"),
+                bigquery.SchemaField("pickup_datetime", "STRING")],
+    ))
+    with pytest.raises(BigQueryLoadError, match=r"pickup_datetime is STRING.*TAXI_TABLE"):
+        load(warehouse, stack.processed())
+
+
+def test_identifiers_are_validated(stack: Stack) -> None:
+    with pytest.raises(ValueError, match="dataset name"):
+        BigQueryWarehouse(stack.client, "taxi`; DROP SCHEMA x; --", LOCATION)
+    warehouse = BigQueryWarehouse(stack.client, "fine", LOCATION)
+    with pytest.raises(ValueError, match="table name"):
+        warehouse.rows_for("trips` WHERE TRUE; --", YELLOW_URI)
+
+
+# -- BigQuery's job-id semantics (409 Conflict on a repeated id) ---------------------------
+
+
+@pytest.fixture
+def real_ids(stack: Stack, dataset: str) -> tuple[BigQueryWarehouse, RealJobIdClient]:
+    client = bq_client(stack.bq, RealJobIdClient)
+    assert isinstance(client, RealJobIdClient)
+    return BigQueryWarehouse(client, dataset, LOCATION), client
+
+
+def test_conflict_adopts_the_finished_load_job(
+    real_ids: tuple[BigQueryWarehouse, RealJobIdClient], stack: Stack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Crash after the MERGE: the rerun adopts the earlier load job and its staging table."""
+    warehouse, client = real_ids
+    p = stack.processed()
+    monkeypatch.setattr(warehouse, "_record", crash)
+    with pytest.raises(WorkerKilled):
+        load(warehouse, p)
+    monkeypatch.undo()
+    assert load(warehouse, p).status == "loaded"
+    assert client.conflicts == client.load_job_ids[:1]  # adopted, not loaded again
+    assert len(client.load_job_ids) == 1
+    assert total_rows(warehouse) == p.rows
+    assert warehouse.loaded(TABLE, YELLOW_URI) == (1, p.rows)
+
+
+def test_conflict_with_staging_gone_loads_again_under_a_new_id(
+    real_ids: tuple[BigQueryWarehouse, RealJobIdClient], stack: Stack
+) -> None:
+    """The log row was lost after a complete run: the old job's staging table is gone."""
+    warehouse, client = real_ids
+    p = stack.processed()
+    load(warehouse, p)
+    query(warehouse, "DELETE FROM {log} WHERE source_uri = @u", u=YELLOW_URI)
+    assert load(warehouse, p).status == "loaded"
+    first, retry = client.load_job_ids
+    assert client.conflicts == [first]
+    assert retry == f"{first}_retry1"
+    assert total_rows(warehouse) == p.rows
+
+
+def test_conflict_with_a_failed_job_says_what_to_do(
+    real_ids: tuple[BigQueryWarehouse, RealJobIdClient], stack: Stack
+) -> None:
+    warehouse, _ = real_ids
+    good = stack.processed(source_generation=1)
+    load(warehouse, good)
+    gone = f"gs://{BUCKET}/processed/not-there.parquet"
+    newer = stack.processed(source_generation=2)
+    with pytest.raises(BigQueryLoadError, match="could not read"):
+        load(warehouse, newer, object_uri=gone)
+    with pytest.raises(BigQueryLoadError,
+                       match=r"(?s)already ran on BigQuery and failed.*new generation"):
+        load(warehouse, newer, object_uri=gone)
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == good.rows
+
+
+# -- settings --------------------------------------------------------------------------
+
+
+def test_warehouse_from_settings(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", stack.bq.endpoint)
+    settings = Settings(profile="emulator", gcp_project=PROJECT, bq_dataset="from_settings",
+                        bq_location=LOCATION)
+    warehouse = warehouse_from_settings(settings)
+    assert isinstance(warehouse, BigQueryWarehouse)
+    assert (warehouse.dataset, warehouse.location) == ("from_settings", LOCATION)
+    assert warehouse.table_uri("trips") == f"bigquery://{PROJECT}.from_settings.trips"
+    assert warehouse.loaded("trips", YELLOW_URI) is None  # talks to the emulator
+
+    monkeypatch.setattr("taxi_pipeline.gcp_clients.credentials",
+                        lambda settings: AnonymousCredentials())
+    gcp = warehouse_from_settings(Settings(profile="gcp", gcp_project="prod-project",
+                                           bq_dataset="taxi", bq_location="EU"))
+    assert isinstance(gcp, BigQueryWarehouse)
+    assert gcp.table_uri("trips") == "bigquery://prod-project.taxi.trips"
+    assert gcp.location == "EU"
+
+
+def test_staging_tables_are_per_table_source_and_object_generation() -> None:
+    obj = f"gs://{BUCKET}/processed/x.parquet"
+    names = {BigQueryWarehouse.staging_table(t, s, obj, g)
+             for t in ("trips", "trips2") for s in (YELLOW_URI, GREEN_URI) for g in (1, 2)}
+    assert len(names) == 8
+    assert all(n.startswith(STAGING_PREFIX) for n in names)
