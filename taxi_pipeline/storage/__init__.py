@@ -14,6 +14,11 @@ def store_from_settings(settings: Settings) -> ObjectStore:
         from taxi_pipeline.storage.local import LocalStore
 
         return LocalStore(settings.bucket_dir)
-    raise NotImplementedError(
-        f"profile {settings.profile!r} has no object store yet; use TAXI_PROFILE=local"
-    )
+    if settings.profile in ("emulator", "gcp"):
+        # Imported here so the local profile never needs the Google client libraries.
+        from taxi_pipeline import gcp_clients
+        from taxi_pipeline.storage.gcs import GcsStore
+
+        settings.require("bucket", "gcp_project")
+        return GcsStore(gcp_clients.storage_client(settings), settings.bucket)
+    raise NotImplementedError(f"profile {settings.profile!r} has no object store")
