@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.events import emit_event
 
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
-from taxi_pipeline.settings import Settings
-from taxi_pipeline.storage import ObjectNotFound, ObjectStore
+from taxi_pipeline.settings import Settings, get_settings
+from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
 
 
 def stage_prefixes(settings: Settings) -> dict[str, str]:
@@ -40,6 +42,29 @@ def current_object(store: ObjectStore, uri: str, generation: int | None) -> tupl
                           f"{obj.generation}; the newer generation's run handles it")
         return None, f"{uri} is at generation {obj.generation}, older than {generation}"
     return obj, ""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every object flow starts from: settings, store, and the object (or why not)."""
+
+    settings: Settings
+    store: ObjectStore
+    obj: ObjectRef | None
+    skipped: dict[str, Any]
+
+
+def begin(step: str, uri: str, generation: int | None, event_id: str | None) -> RunContext:
+    """Resolve the event's object; log and describe a skip when it is gone or superseded."""
+    logger = get_run_logger()
+    settings = get_settings()
+    store = store_from_settings(settings)
+    obj, why_not = current_object(store, uri, generation)
+    if obj is None:
+        logger.warning("skipped %s uri=%s event=%s: %s", step, uri, event_id, why_not)
+        return RunContext(settings, store, None, {"status": "skipped", "reason": why_not})
+    logger.info("%s uri=%s generation=%s event=%s", step, obj.uri, obj.generation, event_id)
+    return RunContext(settings, store, obj, {})
 
 
 def emit(

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import current_object, emit
+from flows.common import begin, emit
 from flows.tlc_schema import CANONICAL_SCHEMA
 from flows.transform_core import METADATA_SOURCE_GENERATION, METADATA_SOURCE_URI
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.settings import get_settings
-from taxi_pipeline.storage import ObjectStore, store_from_settings
+from taxi_pipeline.storage import ObjectStore
 from taxi_pipeline.warehouse import LoadResult, warehouse_from_settings
 
 
@@ -61,13 +61,10 @@ def load(object_uri: str, generation: int | None = None,
          event_id: str | None = None) -> dict[str, Any]:
     """Load one processed object into the warehouse (replacing its source's older rows)."""
     logger = get_run_logger()
-    settings = get_settings()
-    store = store_from_settings(settings)
-    obj, why_not = current_object(store, object_uri, generation)
-    if obj is None:
-        logger.warning("skipped uri=%s event=%s: %s", object_uri, event_id, why_not)
-        return {"status": "skipped", "reason": why_not}
-    logger.info("load uri=%s generation=%s event=%s", obj.uri, obj.generation, event_id)
+    run = begin("load", object_uri, generation, event_id)
+    if run.obj is None:
+        return run.skipped
+    settings, store, obj = run.settings, run.store, run.obj
     try:
         result, table_uri = load_object(store, obj)
     except Exception as exc:

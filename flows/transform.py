@@ -13,12 +13,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import artifact_key, current_object, emit, stage_prefixes
+from flows.common import artifact_key, begin, emit, stage_prefixes
 from flows.transform_core import BadInputFile, TransformStats, transform_parquet
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef, dataset_of, month_of, sibling_name
-from taxi_pipeline.settings import Settings, get_settings
-from taxi_pipeline.storage import ObjectStore, store_from_settings
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.storage import ObjectStore
 
 
 @task(cache_policy=NO_CACHE)
@@ -81,13 +81,10 @@ def transform(object_uri: str, generation: int | None = None,
               event_id: str | None = None) -> dict[str, Any]:
     """Validate, normalise and split one raw TLC object (the event's resource)."""
     logger = get_run_logger()
-    settings = get_settings()
-    store = store_from_settings(settings)
-    obj, why_not = current_object(store, object_uri, generation)
-    if obj is None:
-        logger.warning("skipped uri=%s event=%s: %s", object_uri, event_id, why_not)
-        return {"status": "skipped", "reason": why_not}
-    logger.info("transform uri=%s generation=%s event=%s", obj.uri, obj.generation, event_id)
+    run = begin("transform", object_uri, generation, event_id)
+    if run.obj is None:
+        return run.skipped
+    settings, store, obj = run.settings, run.store, run.obj
     try:
         stats, processed, rejects = transform_object(store, obj, settings)
     except BadInputFile as error:
