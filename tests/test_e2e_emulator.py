@@ -16,19 +16,13 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1, storage
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-from prefect.settings import PREFECT_API_URL, temporary_settings
-from support.emulators import (
-    bigquery_emulator,
-    emulators_available,
-    fake_gcs_server,
-    pubsub_emulator,
-)
-from support.prefect_server import PrefectServer, postgres_available, postgres_database
+from support.chain import emulator_chain
+from support.emulators import emulators_available
+from support.prefect_server import postgres_available
 
 from taxi_pipeline.local_stack import LocalStack
 from taxi_pipeline.sample_data import SampleMonth, generate_month, raw_object_name, write_month
-from taxi_pipeline.settings import Settings
-from taxi_pipeline.warehouse import Warehouse, warehouse_from_settings
+from taxi_pipeline.warehouse import Warehouse
 
 pytestmark = pytest.mark.e2e
 
@@ -42,41 +36,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack
     reason = emulators_available() or postgres_available()
     if reason:
         pytest.skip(reason)
-    from taxi_pipeline.gcp_setup import setup
-
-    root = tmp_path_factory.mktemp("emu")
-    settings = Settings(profile="emulator", home=root / "home", bucket=BUCKET,
-                        gcp_project=PROJECT, pubsub_ack_deadline_seconds=10,
-                        bridge_confirm_seconds=5)
-    with (
-        postgres_database() as database_url,
-        pubsub_emulator(PROJECT) as pubsub,
-        pytest.MonkeyPatch.context() as mp,
-    ):
-        mp.setenv("PUBSUB_EMULATOR_HOST", pubsub.host_port)
-        gcs_root = root / "gcs"
-        # setup creates the topic first: fake-gcs-server drops events for a missing topic
-        pubsub_v1.PublisherClient().create_topic(
-            name=pubsub_v1.PublisherClient.topic_path(PROJECT, settings.pubsub_topic))
-        with (
-            fake_gcs_server(gcs_root, pubsub.host_port, PROJECT, settings.pubsub_topic) as gcs,
-            bigquery_emulator(PROJECT, gcs_root) as bq,
-        ):
-            emulator_env = {**pubsub.env, **gcs.env, **bq.env}
-            for key, value in emulator_env.items():
-                mp.setenv(key, value)
-            lines = setup(settings)
-            assert any("subscription" in line for line in lines), lines
-            server = PrefectServer(database_url, root / "prefect").start()
-            try:
-                with (
-                    temporary_settings(updates={PREFECT_API_URL: server.api_url}),
-                    LocalStack(settings, api_url=server.api_url, ui=False,
-                               env=dict(emulator_env)) as stack,
-                ):
-                    yield stack, warehouse_from_settings(settings)
-            finally:
-                server.stop()
+    with emulator_chain(tmp_path_factory.mktemp("emu"), PROJECT, BUCKET) as running:
+        assert any("subscription" in line for line in running.setup_lines), running.setup_lines
+        yield running.stack, running.warehouse
 
 
 def upload(sample: SampleMonth, tmp_path: Path, name: str) -> tuple[str, int]:

@@ -48,6 +48,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         assert running.api_url
         with temporary_settings(updates={PREFECT_API_URL: running.api_url}):
             yield running
+            # Flows run in this process (download) queue logs for the API: send them
+            # while the server is still up.
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
 
 
 def drop(source: Path, settings: Settings, name: str) -> Path:

@@ -1,0 +1,68 @@
+"""Benchmark: upload-to-queryable latency on the emulator profile (median of N uploads).
+
+Usage: .venv/bin/python benchmarks/emulator_latency.py [--uploads 5] [--rows 250000]
+
+Starts the whole emulator chain (the end-to-end test's: PostgreSQL + Prefect
+server, Pub/Sub emulator, fake-gcs-server, BigQuery emulator, process worker,
+bridge), then uploads the same synthetic month N times with the
+google-cloud-storage client; each upload is a new generation that travels
+notification -> bridge -> transform -> notification -> bridge -> load. The
+clock runs from the start of the upload until the BigQuery emulator's load
+log holds that generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from google.auth.credentials import AnonymousCredentials  # noqa: E402
+from google.cloud import storage  # noqa: E402
+from support.chain import emulator_chain  # noqa: E402
+
+from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month  # noqa: E402
+
+PROJECT, BUCKET = "taxi-latency", "taxi-latency-bucket"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--uploads", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=250_000)
+    args = parser.parse_args()
+    latencies: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp, \
+            emulator_chain(Path(tmp), PROJECT, BUCKET) as chain:
+        settings = chain.settings
+        local = write_month(generate_month("yellow", 2024, 1, args.rows, seed=3),
+                            Path(tmp) / "month.parquet")
+        name = raw_object_name(settings.raw_prefix, "yellow", 2024, 1)
+        blob = storage.Client(project=PROJECT, credentials=AnonymousCredentials()) \
+            .bucket(BUCKET).blob(name)
+        uri = f"gs://{BUCKET}/{name}"
+        for attempt in range(1, args.uploads + 1):
+            start = time.perf_counter()
+            blob.upload_from_filename(str(local))
+            generation = int(blob.generation)
+            while True:
+                loaded = chain.warehouse.loaded(settings.table, uri)
+                if loaded and loaded[0] >= generation:
+                    break
+                if time.perf_counter() - start > 300:
+                    raise SystemExit(f"upload {attempt} not loaded within 300 s")
+                time.sleep(0.2)
+            latencies.append(time.perf_counter() - start)
+            print(f"upload {attempt}: {latencies[-1]:.1f}s ({loaded[1]:,} rows)", flush=True)
+    print(f"upload-to-queryable, emulator profile, {args.rows:,} rows: "
+          f"median {statistics.median(latencies):.1f}s over {len(latencies)} uploads")
+
+
+if __name__ == "__main__":
+    main()
