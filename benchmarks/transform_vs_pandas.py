@@ -3,7 +3,7 @@
 Usage: .venv/bin/python benchmarks/transform_vs_pandas.py [--rows 3000000]
 
 Each side runs in its own fresh process on the same synthetic yellow month, so
-peak memory (ru_maxrss) is that side's alone. The pandas path is the tutorial's:
+peak memory (VmHWM) is that side's alone. The pandas path is the tutorial's:
 read_parquet, to_datetime on both timestamps, drop passenger_count == 0,
 to_parquet with gzip. Prints both times, both peaks and the ratios.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,7 +46,10 @@ def run_pandas(source: Path, out_dir: Path) -> dict[str, float]:
 def child(mode: str, source: str, out_dir: str) -> None:
     runner = run_ours if mode == "ours" else run_pandas
     result = runner(Path(source), Path(out_dir))
-    result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child
+    # would report the parent's peak (the parent generated the month).
+    status = Path("/proc/self/status").read_text()
+    result["peak_mib"] = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
     print(json.dumps(result))
 
 

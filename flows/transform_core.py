@@ -118,7 +118,7 @@ def transform_parquet(
     source_generation: int,
     taxi_type: str,
     month: tuple[int, int] | None,
-    batch_rows: int = 262_144,
+    batch_rows: int = 131_072,
     ingested_at: datetime | None = None,
 ) -> TransformStats:
     """Write good rows to `processed_path` and rejected rows (with reason) to `rejects_path`.

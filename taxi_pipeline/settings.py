@@ -112,7 +112,7 @@ class Settings(BaseSettings):
 
     # -- transform ---------------------------------------------------------------
     batch_rows: int = Field(
-        default=262_144, ge=1_024, description="Rows per streamed batch (bounds memory)."
+        default=131_072, ge=1_024, description="Rows per streamed batch (bounds memory)."
     )
 
     @model_validator(mode="after")

@@ -49,7 +49,7 @@ def run(
     month: tuple[int, int] | None = (2024, 1),
     source_uri: str = SOURCE_URI,
     source_generation: int = 1,
-    batch_rows: int = 262_144,
+    batch_rows: int = 131_072,
     ingested_at: datetime | None = INGESTED_AT,
     tag: str = "out",
 ) -> Result:
