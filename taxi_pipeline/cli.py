@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -63,16 +64,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     with LocalStack(settings, ui=True) as stack:
         _print_stack(stack, settings)
         print("Running. Press Ctrl-C to stop everything.", flush=True)
-        try:
-            while True:
-                for managed in stack.processes:
-                    if not managed.alive():
-                        print(f"{managed.name} exited with code {managed.process.returncode}; "
-                              f"see {managed.log_path}. Stopping.", file=sys.stderr)
-                        return 1
-                time.sleep(1)
-        except KeyboardInterrupt:
-            print("\nStopping...", flush=True)
+        stopping: list[int] = []
+
+        def request_stop(signum: int, _frame: object) -> None:
+            stopping.append(signum)
+
+        # Explicit handlers: a background or supervised process may inherit SIGINT
+        # as ignored, and SIGTERM must stop the children too.
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        while not stopping:
+            for managed in stack.processes:
+                if not managed.alive():
+                    print(f"{managed.name} exited with code {managed.process.returncode}; "
+                          f"see {managed.log_path}. Stopping.", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+        print("\nStopping...", flush=True)
     print("Stopped; nothing left running.")
     return 0
 
@@ -193,10 +201,16 @@ async def _status(settings: Settings, target: str) -> int:
     store = store_from_settings(settings)
     name = store.name_of(target) if "://" in target else target
     uri = store.ref(name).uri if "://" not in target else target
+    # The story of a raw object continues under its derived objects' names.
+    related_uris = [uri] + [
+        uri.removesuffix(name) + sibling_name(name, settings.raw_prefix, prefix)
+        for prefix in (settings.processed_prefix, settings.quarantine_prefix)
+        if name.startswith(settings.raw_prefix)
+    ]
     async with get_client() as client:
         page = await client.read_events(
             filter=EventFilter(
-                any_resource=EventAnyResourceFilter(id=[uri]),
+                any_resource=EventAnyResourceFilter(id=related_uris),
                 occurred=EventOccurredFilter(),
                 order=EventOrder.ASC,
             ),

@@ -259,3 +259,82 @@ def test_download_lands_the_month_and_the_chain_loads_it(
     # The next scheduled run finds it in the bucket and leaves it alone.
     assert download(months=["2022-05"], datasets=["green"]) == {"green/2022-05": "exists"}
     assert LocalStore(settings.bucket_dir).ref(ref.name).generation == ref.generation
+
+
+def test_reemit_runs_the_chain_again_and_status_tells_the_story(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from taxi_pipeline.cli import main
+    from taxi_pipeline.settings import get_settings
+
+    settings = stack.settings
+    for key, value in {"TAXI_HOME": str(settings.home), "TAXI_BUCKET": settings.bucket}.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    sample = generate_month("yellow", 2021, 3, 6_000, seed=9)
+    name = raw_object_name(settings.raw_prefix, "yellow", 2021, 3)
+    ref_uri = drop(write_month(sample, tmp_path / "m.parquet"), settings, name).as_uri()
+    ref = LocalStore(settings.bucket_dir).ref(name)
+    assert wait_loaded(settings, ref_uri, ref.generation) == sample.expected_good
+    runs = flow_run_count(settings.transform_deployment)
+
+    assert main(["reemit", name]) == 0
+    assert "(stored)" in capsys.readouterr().out
+    deadline = time.monotonic() + LOAD_TIMEOUT
+    while flow_run_count(settings.transform_deployment) == runs:
+        assert time.monotonic() < deadline, "re-emit started no transform run"
+        time.sleep(0.5)
+    wait_events([events.LOAD_COMPLETED], ref_uri.replace("/raw/", "/processed/"), at_least=2,
+                timeout=LOAD_TIMEOUT)
+    assert DuckDBWarehouse(settings.warehouse_file).rows_for(settings.table, ref_uri) == \
+        sample.expected_good
+
+    assert main(["status", name]) == 0
+    story = capsys.readouterr().out
+    for step in (events.OBJECT_FINALIZED, events.TRANSFORM_COMPLETED, events.LOAD_COMPLETED):
+        assert step in story
+    assert f"{sample.expected_good:,} rows" in story
+
+
+def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    """`taxi-pipeline up` under a supervisor: SIGTERM leaves no process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    home = tmp_path / "up-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TAXI_", "PREFECT_API"))}
+    env["TAXI_HOME"] = str(home)
+    cli = Path(sys.executable).with_name("taxi-pipeline")
+    up = subprocess.Popen([str(cli), "up"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    assert up.stdout is not None
+    lines = []
+    for line in up.stdout:
+        lines.append(line)
+        if line.startswith("Running."):
+            break
+    assert lines and lines[-1].startswith("Running."), "".join(lines)
+
+    def ours() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and f"TAXI_HOME={home}".encode() in \
+                        (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    assert len(ours()) >= 4  # the CLI, server, worker, bridge
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(timeout=90) == 0
+    assert "nothing left running" in up.stdout.read()
+    deadline = time.monotonic() + 10
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ours() == []
+    assert not (home / "api-url").exists()
