@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Coroutine
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,36 @@ async def _status(settings: Settings, target: str) -> int:
     return 0
 
 
+async def _reconcile(settings: Settings, older_than: timedelta, dry_run: bool) -> int:
+    from taxi_pipeline.reconcile import find_stalled
+
+    store = store_from_settings(settings)
+    stalled = list(find_stalled(store, warehouse_from_settings(settings), settings, older_than))
+    for item in stalled:
+        print(f"stalled {item.obj.uri} generation {item.obj.generation}: {item.why}")
+    if not stalled:
+        print("nothing stalled: every raw object older than "
+              f"{older_than} is loaded or quarantined")
+        return 0
+    if dry_run:
+        return 0
+    to_send = [events.object_finalized(item.obj, _stage_prefixes(settings), reemit=True)
+               for item in stalled]
+    async with EventDelivery() as delivery:
+        stored = await delivery.deliver(to_send, timeout=60)
+    print(f"re-emitted {len(stored)} of {len(to_send)} (confirmed stored)")
+    return 0 if len(stored) == len(to_send) else 1
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Re-emit raw objects that landed but never reached the warehouse."""
+    settings = get_settings()
+    older_than = timedelta(minutes=args.older_than_minutes)
+    if args.dry_run:  # reads bucket and warehouse only; no Prefect server needed
+        return asyncio.run(_reconcile(settings, older_than, dry_run=True))
+    return _with_api(settings, _reconcile(settings, older_than, args.dry_run))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """The story of one object: its events and what the warehouse holds of it."""
     settings = get_settings()
@@ -265,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     reemit.add_argument("objects", nargs="+",
                         help="object URIs or names (raw/... or processed/...)")
     reemit.set_defaults(func=cmd_reemit)
+    reconcile = sub.add_parser(
+        "reconcile", help="re-emit raw objects that landed but never reached the warehouse")
+    reconcile.add_argument("--older-than-minutes", type=float, default=15.0,
+                           help="leave younger objects alone (probably still in flight)")
+    reconcile.add_argument("--dry-run", action="store_true", help="list, do not re-emit")
+    reconcile.set_defaults(func=cmd_reconcile)
     status = sub.add_parser("status", help="events and warehouse rows of one object")
     status.add_argument("object", help="object URI or name")
     status.set_defaults(func=cmd_status)

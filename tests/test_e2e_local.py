@@ -338,3 +338,33 @@ def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
         time.sleep(0.5)
     assert ours() == []
     assert not (home / "api-url").exists()
+
+
+def test_reconcile_re_emits_what_never_reached_the_warehouse(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from taxi_pipeline.cli import main
+    from taxi_pipeline.settings import get_settings
+
+    settings = stack.settings
+    for key, value in {"TAXI_HOME": str(settings.home), "TAXI_BUCKET": settings.bucket}.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    sample = generate_month("green", 2020, 6, 4_000, seed=13)
+    name = raw_object_name(settings.raw_prefix, "green", 2020, 6)
+    uri = drop(write_month(sample, tmp_path / "g.parquet"), settings, name).as_uri()
+    generation = LocalStore(settings.bucket_dir).ref(name).generation
+    assert wait_loaded(settings, uri, generation) == sample.expected_good
+
+    # Lose the load, as a failed automation action would (the server never retries those).
+    with DuckDBWarehouse(settings.warehouse_file).connect() as con:
+        con.execute(f"DELETE FROM {settings.table} WHERE source_uri = ?", [uri])
+        con.execute("DELETE FROM _loads WHERE source_uri = ?", [uri])
+    assert main(["reconcile", "--older-than-minutes", "0", "--dry-run"]) == 0
+    assert f"stalled {uri}" in capsys.readouterr().out
+    assert main(["reconcile", "--older-than-minutes", "0"]) == 0
+    assert "re-emitted" in capsys.readouterr().out
+    assert wait_loaded(settings, uri, generation) == sample.expected_good
+    assert main(["reconcile", "--older-than-minutes", "0", "--dry-run"]) == 0
+    assert "nothing stalled" in capsys.readouterr().out

@@ -1,0 +1,55 @@
+"""find_stalled against a real bucket directory and DuckDB warehouse."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from flows.tlc_schema import CANONICAL_SCHEMA
+from flows.transform_core import transform_parquet
+from taxi_pipeline.reconcile import find_stalled
+from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.storage.local import LocalStore
+from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
+
+
+def _load(store: LocalStore, warehouse: DuckDBWarehouse, name: str, tmp: Path) -> None:
+    raw = store.ref(name)
+    processed = tmp / f"{raw.generation}.parquet"
+    transform_parquet(store.root / name, processed, tmp / "rejects.parquet",
+                      source_uri=raw.uri, source_generation=raw.generation,
+                      taxi_type="yellow", month=None)
+    warehouse.load_object(object_uri=processed.as_uri(), object_generation=1, table="trips",
+                          schema=CANONICAL_SCHEMA, source_uri=raw.uri,
+                          source_generation=raw.generation)
+
+
+def test_only_raw_objects_that_never_reached_the_warehouse_are_stalled(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home")
+    store = LocalStore(settings.bucket_dir)
+    warehouse = DuckDBWarehouse(settings.warehouse_file)
+    names = {month: raw_object_name(settings.raw_prefix, "yellow", 2024, month)
+             for month in (1, 2, 3, 4)}
+    for month, name in names.items():
+        write_month(generate_month("yellow", 2024, month, 500, seed=month),
+                    store.root / name)
+    _load(store, warehouse, names[1], tmp_path)             # loaded: fine
+    _load(store, warehouse, names[2], tmp_path)             # loaded, then dropped again
+    write_month(generate_month("yellow", 2024, 2, 400, seed=22),  # a newer generation
+                store.root / names[2])
+    quarantine = settings.quarantine_prefix + names[3].removeprefix(settings.raw_prefix)
+    (store.root / quarantine).parent.mkdir(parents=True, exist_ok=True)
+    (store.root / quarantine).write_text("bad")              # quarantined after it landed
+    os.utime(store.root / names[3], ns=(1, 10**9))           # raw copy older than quarantine
+
+    later = datetime.now(UTC) + timedelta(days=1000)
+    stalled = {s.obj.name: s.why for s in
+               find_stalled(store, warehouse, settings, timedelta(minutes=15), now=later)}
+    assert set(stalled) == {names[2], names[4]}
+    assert stalled[names[4]] == "never loaded"
+    assert "warehouse holds generation" in stalled[names[2]]
+
+    # Nothing younger than the threshold is reported: it is probably in flight.
+    assert list(find_stalled(store, warehouse, settings, timedelta(days=100000))) == []
