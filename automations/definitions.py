@@ -42,23 +42,20 @@ def object_landed_trigger(stage: str) -> EventTrigger:
     )
 
 
+def run_on_landing(name: str, stage: str, deployment_id: UUID, what: str) -> Automation:
+    """Run `deployment_id` once for every new object generation in `stage`."""
+    return Automation(
+        name=name,
+        description=f"Run the {what} deployment for every new {stage} object generation.",
+        trigger=object_landed_trigger(stage),
+        actions=[RunDeployment(source="selected", deployment_id=deployment_id,
+                               parameters=dict(RUN_PARAMETERS), job_variables=None)],
+    )
+
+
 def pipeline_automations(transform_deployment_id: UUID,
                          load_deployment_id: UUID) -> list[Automation]:
     return [
-        Automation(
-            name=RAW_LANDED,
-            description="Run the transform deployment for every new raw object generation.",
-            trigger=object_landed_trigger(events.STAGE_RAW),
-            actions=[RunDeployment(source="selected", deployment_id=transform_deployment_id,
-                                   parameters=dict(RUN_PARAMETERS),
-                                   job_variables=None)],
-        ),
-        Automation(
-            name=PROCESSED_LANDED,
-            description="Run the load deployment for every new processed object generation.",
-            trigger=object_landed_trigger(events.STAGE_PROCESSED),
-            actions=[RunDeployment(source="selected", deployment_id=load_deployment_id,
-                                   parameters=dict(RUN_PARAMETERS),
-                                   job_variables=None)],
-        ),
+        run_on_landing(RAW_LANDED, events.STAGE_RAW, transform_deployment_id, "transform"),
+        run_on_landing(PROCESSED_LANDED, events.STAGE_PROCESSED, load_deployment_id, "load"),
     ]

@@ -15,15 +15,6 @@ from taxi_pipeline.settings import Settings, get_settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
 
 
-def stage_prefixes(settings: Settings) -> dict[str, str]:
-    return {
-        events.STAGE_RAW: settings.raw_prefix,
-        events.STAGE_PROCESSED: settings.processed_prefix,
-        "rejects": settings.rejects_prefix,
-        "quarantine": settings.quarantine_prefix,
-    }
-
-
 def current_object(store: ObjectStore, uri: str, generation: int | None) -> tuple[
         ObjectRef | None, str]:
     """The object the event names, or None and why it is gone or superseded.
@@ -78,7 +69,7 @@ def emit(
     """A `pipeline.*` event about `obj`; Prefect adds the flow run as a related resource."""
     emit_event(
         event=name,
-        resource=events.object_resource(obj, stage_prefixes(settings)),
+        resource=events.object_resource(obj, settings.stage_prefixes),
         related=related or [],
         payload=payload or {},
     )

@@ -16,8 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import emit
 from taxi_pipeline import events
-from taxi_pipeline.objects import ObjectRef
-from taxi_pipeline.sample_data import raw_object_name, tlc_file_name
+from taxi_pipeline.objects import ObjectRef, raw_object_name, tlc_file_name
 from taxi_pipeline.settings import Settings, get_settings
 from taxi_pipeline.storage import (
     ObjectNotFound,

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import artifact_key, begin, emit, stage_prefixes
+from flows.common import artifact_key, begin, emit
 from flows.transform_core import BadInputFile, TransformStats, transform_parquet
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef, dataset_of, month_of, sibling_name
@@ -32,7 +32,7 @@ def quarantine(store: ObjectStore, obj: ObjectRef, error: BadInputFile, settings
         events.OBJECT_QUARANTINED,
         obj,
         settings,
-        related=[events.object_role_resource(moved, "quarantine", stage_prefixes(settings))],
+        related=[events.object_role_resource(moved, "quarantine", settings.stage_prefixes)],
         payload={"reason": error.kind, "detail": error.detail, "quarantine_uri": moved.uri},
     )
     return moved.uri
@@ -94,7 +94,7 @@ def transform(object_uri: str, generation: int | None = None,
         emit(events.TRANSFORM_FAILED, obj, settings,
              payload={"error": f"{type(exc).__name__}: {exc}"})
         raise
-    prefixes = stage_prefixes(settings)
+    prefixes = settings.stage_prefixes
     emit(
         events.TRANSFORM_COMPLETED,
         obj,

@@ -20,11 +20,6 @@ from taxi_pipeline.storage.local import LocalStore
 log = logging.getLogger(__name__)
 
 
-def stage_prefixes(settings: Settings) -> dict[str, str]:
-    return {events.STAGE_RAW: settings.raw_prefix,
-            events.STAGE_PROCESSED: settings.processed_prefix}
-
-
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
@@ -50,7 +45,7 @@ async def run_directory_bridge(settings: Settings, stop: asyncio.Event,
     metrics = metrics or BridgeMetrics()
     health = health or HealthState()
     store = LocalStore(settings.bucket_dir)
-    prefixes = stage_prefixes(settings)
+    prefixes = settings.stage_prefixes
     source = DirectorySource(
         store,
         list(prefixes.values()),

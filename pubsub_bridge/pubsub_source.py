@@ -140,8 +140,7 @@ def to_submission(message: Message, settings: Settings, scope: Scope, source: Pu
     """An event for the relay, or None when the message is acked as out of scope."""
     received = time.monotonic()
     metrics.received.inc()
-    prefixes = {events.STAGE_RAW: settings.raw_prefix,
-                events.STAGE_PROCESSED: settings.processed_prefix}
+    prefixes = settings.stage_prefixes
     try:
         ref = parse_notification(message.attributes, message.data, scope)
     except Ignored as ignored:

@@ -35,11 +35,6 @@ from taxi_pipeline.warehouse import warehouse_from_settings
 log = logging.getLogger("taxi_pipeline")
 
 
-def _stage_prefixes(settings: Settings) -> dict[str, str]:
-    return {events.STAGE_RAW: settings.raw_prefix,
-            events.STAGE_PROCESSED: settings.processed_prefix}
-
-
 def _require_local(settings: Settings, command: str) -> None:
     if settings.profile != "local":
         raise SystemExit(
@@ -157,7 +152,7 @@ async def _reemit(settings: Settings, targets: list[str]) -> int:
             print(f"skipping {target}: {exc}", file=sys.stderr)
     if not refs:
         return 1
-    prefixes = _stage_prefixes(settings)
+    prefixes = settings.stage_prefixes
     to_send = [events.object_finalized(ref, prefixes, reemit=True) for ref in refs]
     async with EventDelivery() as delivery:
         stored = await delivery.deliver(to_send, timeout=30)
@@ -244,7 +239,7 @@ async def _reconcile(settings: Settings, older_than: timedelta, dry_run: bool) -
         return 0
     if dry_run:
         return 0
-    to_send = [events.object_finalized(item.obj, _stage_prefixes(settings), reemit=True)
+    to_send = [events.object_finalized(item.obj, settings.stage_prefixes, reemit=True)
                for item in stalled]
     async with EventDelivery() as delivery:
         stored = await delivery.deliver(to_send, timeout=60)

@@ -94,3 +94,12 @@ def sibling_name(name: str, from_prefix: str, to_prefix: str) -> str:
     """
     rest = name[len(from_prefix) :] if name.startswith(from_prefix) else name
     return to_prefix + rest
+
+
+def tlc_file_name(dataset: str, year: int, month: int) -> str:
+    return f"{dataset}_tripdata_{year:04d}-{month:02d}.parquet"
+
+
+def raw_object_name(raw_prefix: str, dataset: str, year: int, month: int) -> str:
+    """Where the download flow (and the demo) put a month: raw/<dataset>/<year>/<file>."""
+    return f"{raw_prefix}{dataset}/{year:04d}/{tlc_file_name(dataset, year, month)}"

@@ -20,6 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from taxi_pipeline.objects import raw_object_name, tlc_file_name
+
+__all__ = ["SampleMonth", "generate_month", "raw_object_name", "tlc_file_name", "write_month"]
+
 Dataset = Literal["yellow", "green"]
 # The schema eras TLC published: 2019-2022 (double codes, ns times, lower-case or
 # no airport fee), 2023-2024 (Airport_fee, integer codes), 2025 (cbd_congestion_fee).
@@ -193,12 +197,3 @@ def write_month(sample: SampleMonth, path: Path, row_group_rows: int = 1_000_000
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(sample.table, path, compression="snappy", row_group_size=row_group_rows)
     return path
-
-
-def tlc_file_name(dataset: str, year: int, month: int) -> str:
-    return f"{dataset}_tripdata_{year:04d}-{month:02d}.parquet"
-
-
-def raw_object_name(raw_prefix: str, dataset: str, year: int, month: int) -> str:
-    """Where the download flow (and the demo) put a month: raw/<dataset>/<year>/<file>."""
-    return f"{raw_prefix}{dataset}/{year:04d}/{tlc_file_name(dataset, year, month)}"

@@ -131,6 +131,13 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def stage_prefixes(self) -> dict[str, str]:
+        """`pipeline.stage` label -> object prefix; anything else is stage `other`."""
+        from taxi_pipeline.events import STAGE_PROCESSED, STAGE_RAW
+
+        return {STAGE_RAW: self.raw_prefix, STAGE_PROCESSED: self.processed_prefix}
+
+    @property
     def bucket_dir(self) -> Path:
         """The directory standing in for the bucket in the local profile."""
         return Path(self.bucket).expanduser().resolve()

@@ -261,17 +261,24 @@ def test_download_lands_the_month_and_the_chain_loads_it(
     assert LocalStore(settings.bucket_dir).ref(ref.name).generation == ref.generation
 
 
-def test_reemit_runs_the_chain_again_and_status_tells_the_story(
-    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from taxi_pipeline.cli import main
+def use_stack_settings(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Point this process's settings (the CLI's) at the running stack's bucket."""
     from taxi_pipeline.settings import get_settings
 
     settings = stack.settings
     for key, value in {"TAXI_HOME": str(settings.home), "TAXI_BUCKET": settings.bucket}.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
+    return settings
+
+
+def test_reemit_runs_the_chain_again_and_status_tells_the_story(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from taxi_pipeline.cli import main
+
+    settings = use_stack_settings(stack, monkeypatch)
     sample = generate_month("yellow", 2021, 3, 6_000, seed=9)
     name = raw_object_name(settings.raw_prefix, "yellow", 2021, 3)
     ref_uri = drop(write_month(sample, tmp_path / "m.parquet"), settings, name).as_uri()
@@ -345,12 +352,8 @@ def test_reconcile_re_emits_what_never_reached_the_warehouse(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from taxi_pipeline.cli import main
-    from taxi_pipeline.settings import get_settings
 
-    settings = stack.settings
-    for key, value in {"TAXI_HOME": str(settings.home), "TAXI_BUCKET": settings.bucket}.items():
-        monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
+    settings = use_stack_settings(stack, monkeypatch)
     sample = generate_month("green", 2020, 6, 4_000, seed=13)
     name = raw_object_name(settings.raw_prefix, "green", 2020, 6)
     uri = drop(write_month(sample, tmp_path / "g.parquet"), settings, name).as_uri()
