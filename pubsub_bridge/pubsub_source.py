@@ -205,17 +205,22 @@ async def run_pubsub_bridge(settings: Settings, stop: asyncio.Event, metrics: Br
                     await relay.confirm()
                     last_confirm = time.monotonic()
         finally:
-            log.info("stopping: no more pulls; finishing %d in-flight events", len(relay.pending))
-            source.stop_pulling()
-            # Messages pulled but not yet emitted go back at once; emitted ones get a
-            # last chance to be confirmed (and acked) before they are nacked too.
+            log.info("stopping: finishing %d in-flight events", len(relay.pending))
+            # Acks and nacks only reach Pub/Sub while the stream is open, so finish
+            # first and close last: messages that arrive meanwhile are nacked at once
+            # (redelivered now, not after their lease runs out); emitted events get a
+            # last chance to be confirmed and acked; whatever is left is nacked.
             released = source.release_queued()
             deadline = time.monotonic() + 20
             while relay.pending and time.monotonic() < deadline:
                 await relay.confirm()
+                released += source.release_queued()
                 if relay.pending:
                     await asyncio.sleep(0.5)
             relay.release_all()
+            released += source.release_queued()
+            source.stop_pulling()
+            released += source.release_queued()
             health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await health_task

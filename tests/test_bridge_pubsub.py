@@ -295,3 +295,13 @@ def test_server_sigkill_after_a_batch_is_redelivered(gcp: GcpStack, bridge_facto
     gcp.server.start()
     wait_all_stored("raw/server-kill/", objects, timeout=180)
     assert bridge.process.poll() is None
+
+
+def test_sigterm_finishes_in_flight_work_and_loses_nothing(bridge_factory: Any) -> None:
+    bridge = bridge_factory()
+    objects = upload("raw/sigterm/", 60)
+    wait_metric(bridge, "emitted", 1, timeout=60)
+    assert bridge.stop() == 0  # graceful: confirm and ack what it can, nack the rest
+    assert "stopped (" in bridge.log.read_text()
+    bridge_factory()
+    wait_all_stored("raw/sigterm/", objects, timeout=120)
