@@ -24,8 +24,8 @@ from taxi_pipeline.storage import (
     PreconditionFailed,
     store_from_settings,
 )
+from taxi_pipeline.storage.local import has_parquet_footer
 
-PARQUET_MAGIC = b"PAR1"
 PROGRESS_EVERY = 16 * 2**20
 
 
@@ -77,11 +77,7 @@ def download_month(store: ObjectStore, settings: Settings, dataset: str, month: 
                             logger.info("downloading url=%s %d/%s MiB", url, written >> 20,
                                         total >> 20 if total else "?")
                             next_report += PROGRESS_EVERY
-                with path.open("rb") as check:
-                    head = check.read(4)
-                    check.seek(-4, 2)
-                    tail = check.read(4)
-                if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
+                if not has_parquet_footer(path):
                     raise ValueError(f"{url} did not return a complete parquet file "
                                      f"({written} bytes); nothing was written to the bucket")
         except PreconditionFailed:

@@ -11,9 +11,7 @@ bridge does not announce the whole bucket again.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -23,11 +21,11 @@ from pathlib import Path
 
 from pubsub_bridge.metrics import BridgeMetrics
 from taxi_pipeline.objects import ObjectRef
-from taxi_pipeline.storage.local import LocalStore
+from taxi_pipeline.storage.local import LocalStore, has_parquet_footer
+
+__all__ = ["DirectorySource", "has_parquet_footer"]
 
 log = logging.getLogger(__name__)
-
-PARQUET_MAGIC = b"PAR1"
 
 
 @dataclass
@@ -35,26 +33,6 @@ class _Watch:
     size: int
     generation: int
     stable_since: float
-
-
-def has_parquet_footer(path: Path) -> bool:
-    """True when the file starts and ends with the parquet magic (writing has finished)."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(4)
-            handle.seek(-4, os.SEEK_END)
-            return head == PARQUET_MAGIC and handle.read(4) == PARQUET_MAGIC
-    except OSError:
-        return False
-
-
-def md5_base64(path: Path) -> str:
-    """GCS reports md5 as base64; do the same so payloads look alike in every profile."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return base64.b64encode(digest.digest()).decode()
 
 
 class DirectorySource:
@@ -123,7 +101,7 @@ class DirectorySource:
                         and not has_parquet_footer(path)):
                     continue  # still being written, or truncated: wait for the stall limit
                 try:
-                    ref = dataclasses.replace(ref, md5_hash=md5_base64(path))
+                    ref = dataclasses.replace(ref, md5_hash=self.store.md5(ref.name))
                 except FileNotFoundError:
                     continue
                 del self.watching[ref.name]

@@ -41,6 +41,13 @@ def duckdb_type(arrow_type: pa.DataType) -> str:
         raise TypeError(f"no DuckDB column type for Arrow type {arrow_type}") from None
 
 
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    row = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
@@ -160,10 +167,7 @@ class DuckDBWarehouse:
         if not self.path.exists():
             return None
         with self.connect(read_only=True) as con:
-            exists = con.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [LOAD_LOG]
-            ).fetchone()
-            if not exists or not exists[0]:
+            if not _has_table(con, LOAD_LOG):
                 return None
             row = con.execute(
                 f"SELECT source_generation, rows FROM {LOAD_LOG}"
@@ -177,10 +181,7 @@ class DuckDBWarehouse:
         if not self.path.exists():
             return None
         with self.connect(read_only=True) as con:
-            exists = con.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
-            ).fetchone()
-            if not exists or not exists[0]:
+            if not _has_table(con, table):
                 return None
             row = con.execute(
                 f"SELECT count(*) FROM {_quote(table)} WHERE source_uri = ?", [source_uri]
@@ -192,10 +193,7 @@ class DuckDBWarehouse:
         if not self.path.exists():
             return []
         with self.connect(read_only=True) as con:
-            exists = con.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [LOAD_LOG]
-            ).fetchone()
-            if not exists or not exists[0]:
+            if not _has_table(con, LOAD_LOG):
                 return []
             cursor = con.execute(f"SELECT * FROM {LOAD_LOG} ORDER BY loaded_at DESC")
             names = [d[0] for d in cursor.description or []]
