@@ -6,10 +6,12 @@ and prometheus_client renders the metrics; no web framework is needed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -47,6 +49,25 @@ class HealthState:
                 why = self.last_error.get(name, "no successful check yet")
                 found.append(f"{name}: {why}")
         return found
+
+
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, but wake at once when `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def run_checks(checks: dict[str, Callable[[], Awaitable[object]]], state: HealthState,
+                     stop: asyncio.Event, every: float = 5.0) -> None:
+    """Probe each dependency every `every` seconds, off the bridge's hot loop, until stop."""
+    while not stop.is_set():
+        for name, check in checks.items():
+            try:
+                await check()
+                state.ok(name)
+            except Exception as exc:
+                state.failed(name, str(exc))
+        await sleep_or_stop(stop, every)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -21,7 +21,7 @@ from google.cloud import pubsub_v1  # type: ignore[attr-defined]
 from google.cloud.pubsub_v1.subscriber.message import Message
 from prefect.events import Event, Resource
 
-from pubsub_bridge.health import HealthState
+from pubsub_bridge.health import HealthState, run_checks, sleep_or_stop
 from pubsub_bridge.metrics import BridgeMetrics
 from pubsub_bridge.notifications import Ignored, Rejected, Scope, parse_notification
 from pubsub_bridge.relay import Relay, Submission
@@ -159,23 +159,6 @@ def to_submission(message: Message, settings: Settings, scope: Scope, source: Pu
     return Submission(event, ack=message.ack, nack=message.nack, received_at=received)
 
 
-async def _health_loop(source: PubSubSource, delivery: EventDelivery, health: HealthState,
-                       stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            await asyncio.to_thread(source.check)
-            health.ok("pubsub")
-        except Exception as exc:
-            health.failed("pubsub", str(exc))
-        try:
-            await delivery.healthcheck()
-            health.ok("prefect")
-        except Exception as exc:
-            health.failed("prefect", str(exc))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=5)
-
-
 async def run_pubsub_bridge(settings: Settings, stop: asyncio.Event, metrics: BridgeMetrics,
                             health: HealthState) -> None:
     """Pull until `stop` is set; then stop pulling and finish what is in flight."""
@@ -185,7 +168,10 @@ async def run_pubsub_bridge(settings: Settings, stop: asyncio.Event, metrics: Br
     backoff = 0.0
     async with EventDelivery() as delivery:
         relay = Relay(delivery, metrics, resend_after=settings.bridge_confirm_seconds)
-        health_task = asyncio.create_task(_health_loop(source, delivery, health, stop))
+        health_task = asyncio.create_task(run_checks(
+            {"pubsub": lambda: asyncio.to_thread(source.check),
+             "prefect": delivery.healthcheck},
+            health, stop))
         last_confirm = 0.0
         try:
             while not stop.is_set():
@@ -199,8 +185,7 @@ async def run_pubsub_bridge(settings: Settings, stop: asyncio.Event, metrics: Br
                         backoff = 0.0
                     else:  # Prefect unreachable: nacked; slow down instead of spinning
                         backoff = min(max(1.0, backoff * 2), 30.0)
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), timeout=backoff)
+                        await sleep_or_stop(stop, backoff)
                 if relay.pending and time.monotonic() - last_confirm >= CONFIRM_EVERY:
                     await relay.confirm()
                     last_confirm = time.monotonic()
@@ -210,19 +195,13 @@ async def run_pubsub_bridge(settings: Settings, stop: asyncio.Event, metrics: Br
             # first and close last: messages that arrive meanwhile are nacked at once
             # (redelivered now, not after their lease runs out); emitted events get a
             # last chance to be confirmed and acked; whatever is left is nacked.
-            released = source.release_queued()
-            deadline = time.monotonic() + 20
-            while relay.pending and time.monotonic() < deadline:
-                await relay.confirm()
-                released += source.release_queued()
-                if relay.pending:
-                    await asyncio.sleep(0.5)
-            relay.release_all()
-            released += source.release_queued()
+            released = [source.release_queued()]
+            await relay.drain(20.0, tick=lambda: released.append(source.release_queued()))
+            released.append(source.release_queued())
             source.stop_pulling()
-            released += source.release_queued()
+            released.append(source.release_queued())
             health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await health_task
             source.close()
-            log.info("stopped (%d queued messages released)", released)
+            log.info("stopped (%d queued messages released)", sum(released))

@@ -9,6 +9,7 @@ redeliver when the emit itself fails.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -123,6 +124,23 @@ class Relay:
                 log.warning("re-emit failed (%s); will try again", exc)
         self.metrics.pending.set(len(self.pending))
         return len(stored)
+
+    async def drain(self, seconds: float, tick: Callable[[], object] | None = None) -> None:
+        """On shutdown: confirm (and ack) what is stored for up to `seconds`, nack the rest.
+
+        `tick` runs between rounds, for sources that must keep releasing new arrivals.
+        """
+        deadline = time.monotonic() + seconds
+        while self.pending and time.monotonic() < deadline:
+            await self.confirm()
+            if tick is not None:
+                tick()
+            if self.pending:
+                await asyncio.sleep(0.5)
+        if self.pending:
+            log.warning("%d events unconfirmed at shutdown; their sources will deliver them "
+                        "again", len(self.pending))
+        self.release_all()
 
     def release_all(self) -> None:
         """On shutdown: nack everything unconfirmed so the source delivers it again."""
