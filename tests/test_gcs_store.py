@@ -19,13 +19,14 @@ from google.cloud import storage
 from support.emulators import emulators_available, fake_gcs_server
 
 from flows.tlc_schema import CANONICAL_SCHEMA
+from flows.transform import transform_object
 from flows.transform_core import (
     METADATA_SOURCE_GENERATION,
     BadInputFile,
     transform_parquet,
 )
 from taxi_pipeline import gcp_clients
-from taxi_pipeline.objects import ObjectRef, dataset_of, month_of, sibling_name
+from taxi_pipeline.objects import ObjectRef, sibling_name
 from taxi_pipeline.sample_data import generate_month, tlc_file_name, write_month
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, PreconditionFailed, store_from_settings
@@ -302,33 +303,23 @@ def test_transform_streams_a_month_from_and_to_the_bucket(
     with store.publish(raw_name, if_generation_match=0) as path:
         shutil.copyfile(local, path)
     obj = store.ref(raw_name)
-    processed_name = sibling_name(obj.name, prefix + settings.raw_prefix,
-                                  prefix + settings.processed_prefix)
-    rejects_name = sibling_name(obj.name, prefix + settings.raw_prefix,
-                                prefix + settings.rejects_prefix)
-
-    # As the transform flow does it: read that generation, publish rejects then processed.
-    with (
-        store.open_read(obj) as source,
-        store.publish(processed_name) as processed_path,
-        store.publish(rejects_name) as rejects_path,
-    ):
-        stats = transform_parquet(
-            source,
-            processed_path,
-            rejects_path,
-            source_uri=obj.uri,
-            source_generation=obj.generation,
-            taxi_type=dataset_of(obj.name),
-            month=month_of(obj.name),
-            batch_rows=30_000,
-        )
+    # The transform flow's own task: read that generation, publish rejects then processed.
+    flow_settings = settings.model_copy(update={
+        "raw_prefix": prefix + settings.raw_prefix,
+        "processed_prefix": prefix + settings.processed_prefix,
+        "rejects_prefix": prefix + settings.rejects_prefix,
+        "batch_rows": 30_000,
+    })
+    stats, processed, rejects = transform_object.fn(store, obj, flow_settings)
+    assert processed.name == sibling_name(obj.name, flow_settings.raw_prefix,
+                                          flow_settings.processed_prefix)
+    assert rejects.name == sibling_name(obj.name, flow_settings.raw_prefix,
+                                        flow_settings.rejects_prefix)
     assert stats.rows_in == 120_000
     assert stats.rows_out == sample.expected_good
     assert stats.rejected == sample.expected_rejects
     assert stats.batches > 1  # streamed, not read whole
 
-    processed, rejects = store.ref(processed_name), store.ref(rejects_name)
     assert processed.generation >= rejects.generation  # processed lands last: it starts the load
     with store.open_read(processed) as handle:
         table = pq.read_table(handle)

@@ -16,7 +16,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from taxi_pipeline.local_stack import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BQEMU_VENV = REPO_ROOT / ".venv-bqemu"
@@ -104,14 +105,6 @@ class BigQueryEmulator:
     def env(self) -> dict[str, str]:
         """Environment variables google-cloud-bigquery honours (still pass credentials)."""
         return {"BIGQUERY_EMULATOR_HOST": self.endpoint}
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def gcloud_sdk_root() -> Path | None:
@@ -225,11 +218,12 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM the process group of ``proc``, wait, then SIGKILL what is left."""
+def stop_group(proc: subprocess.Popen[bytes], timeout: float,
+               sig: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``sig`` to the process group of ``proc``, wait, then SIGKILL what is left."""
     pgid = proc.pid  # start_new_session=True makes the child a group leader
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
     deadline = time.monotonic() + timeout
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=timeout)
@@ -301,7 +295,7 @@ def run_server(
             time.sleep(_POLL_INTERVAL)
         yield proc
     finally:
-        _stop_group(proc, stop_timeout)
+        stop_group(proc, stop_timeout)
 
 
 @contextlib.contextmanager

@@ -20,9 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-
-from support.emulators import free_port
+from support.emulators import free_port, stop_group
+from taxi_pipeline.local_stack import wait_healthy
 
 
 def postgres_bin() -> Path | None:
@@ -41,17 +40,6 @@ def _as_postgres(argv: list[str]) -> list[str]:
     if os.geteuid() == 0:
         return ["runuser", "-u", "postgres", "--", *argv]
     return argv
-
-
-def _stop_group(process: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -91,7 +79,7 @@ def postgres_database(name: str = "prefect") -> Iterator[str]:
                                      "-U", "postgres", name]), check=True, capture_output=True)
         yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/{name}"
     finally:
-        _stop_group(process, signal.SIGINT, 30)  # SIGINT = fast shutdown
+        stop_group(process, 30, signal.SIGINT)  # SIGINT = fast shutdown
         log.close()
         shutil.rmtree(root, ignore_errors=True)
 
@@ -129,25 +117,20 @@ class PrefectServer:
             start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.3)
-        tail = (self.home / "server.log").read_text(errors="replace")[-3000:]
-        self.stop()
-        raise RuntimeError(f"Prefect server did not start on {self.api_url}:\n{tail}")
+        try:
+            wait_healthy(self.api_url, timeout, self.process, self.home / "server.log")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
         if self.process is not None:
-            _stop_group(self.process, signal.SIGTERM, 20)
+            stop_group(self.process, 20)
             self.process = None
 
     def kill(self) -> None:
         """SIGKILL: whatever the server holds in memory is lost."""
         if self.process is not None:
-            _stop_group(self.process, signal.SIGKILL, 10)
+            stop_group(self.process, 10, signal.SIGKILL)
             self.process = None
