@@ -52,14 +52,14 @@ class GcpStack:
     storage_host: str
     root: Path
 
-    def bridge_env(self, port: int) -> dict[str, str]:
+    def bridge_env(self, port: int, subscription: str) -> dict[str, str]:
         return {
             **os.environ,
             "TAXI_PROFILE": "emulator",
             "TAXI_HOME": str(self.root / "bridge-home"),
             "TAXI_BUCKET": BUCKET,
             "TAXI_GCP_PROJECT": PROJECT,
-            "TAXI_PUBSUB_SUBSCRIPTION": SUBSCRIPTION,
+            "TAXI_PUBSUB_SUBSCRIPTION": subscription,
             "TAXI_BRIDGE_PORT": str(port),
             "TAXI_BRIDGE_CONFIRM_SECONDS": "5",
             "TAXI_PUBSUB_ACK_DEADLINE_SECONDS": "10",
@@ -104,12 +104,13 @@ def gcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcpStack]:
 
 
 class Bridge:
-    def __init__(self, stack: GcpStack, log: Path) -> None:
+    def __init__(self, stack: GcpStack, log: Path, subscription: str) -> None:
         self.port = free_port()
         self.log = log
         with log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pubsub_bridge"], env=stack.bridge_env(self.port),
+                [sys.executable, "-m", "pubsub_bridge"],
+                env=stack.bridge_env(self.port, subscription),
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + 60
@@ -150,17 +151,27 @@ class Bridge:
 
 
 @pytest.fixture
-def bridge_factory(gcp: GcpStack, tmp_path: Path) -> Iterator[Any]:
+def bridge_factory(gcp: GcpStack, tmp_path: Path, request: pytest.FixtureRequest
+                   ) -> Iterator[Any]:
+    """Bridges of one test share a subscription of that test's own, created here, so
+    no test sees messages another test's bridges left in flight."""
     started: list[Bridge] = []
+    subscriber = pubsub_v1.SubscriberClient()
+    subscription = f"{SUBSCRIPTION}-{request.node.name.removeprefix('test_')[:40]}"
+    subscriber.create_subscription(
+        name=subscriber.subscription_path(PROJECT, subscription),
+        topic=pubsub_v1.PublisherClient.topic_path(PROJECT, TOPIC), ack_deadline_seconds=10,
+    )
 
     def start() -> Bridge:
-        bridge = Bridge(gcp, tmp_path / f"bridge-{len(started)}.log")
+        bridge = Bridge(gcp, tmp_path / f"bridge-{len(started)}.log", subscription)
         started.append(bridge)
         return bridge
 
     yield start
     for bridge in started:
         bridge.stop()
+    subscriber.delete_subscription(subscription=subscriber.subscription_path(PROJECT, subscription))
 
 
 def upload(prefix: str, count: int, start: int = 0) -> list[tuple[str, int]]:
