@@ -20,7 +20,9 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+import psutil
 
+from taxi_pipeline.prefect_database import EmbeddedPostgres, sqlite_url
 from taxi_pipeline.settings import Settings
 
 DEFAULT_UI_PORT = 4200
@@ -101,6 +103,7 @@ class LocalStack:
     env: dict[str, str] = field(default_factory=dict)
     bridge_port: int | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
+    database: EmbeddedPostgres | None = None
 
     @property
     def api_url_file(self) -> Path:
@@ -152,11 +155,15 @@ class LocalStack:
         prefect_home.mkdir(parents=True, exist_ok=True)
         port = free_port(DEFAULT_UI_PORT if self.ui else None)
         api_url = f"http://127.0.0.1:{port}/api"
+        if self.settings.prefect_database == "postgres":
+            self.database = EmbeddedPostgres(prefect_home / "postgres")
+            database_url = self.database.start()
+        else:
+            database_url = sqlite_url(prefect_home)
         self.env.update(
             {
                 "PREFECT_HOME": str(prefect_home),
-                "PREFECT_API_DATABASE_CONNECTION_URL":
-                    f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+                "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
                 "PREFECT_UI_ENABLED": "true" if self.ui else "false",
                 "PREFECT_UI_API_URL": api_url,
             }
@@ -202,7 +209,13 @@ class LocalStack:
                  self.settings.work_pool, "--type", "process"],
             )
         if self.start_bridge:
-            self.bridge_port = free_port()
+            # An explicit TAXI_BRIDGE_PORT is honoured (the bridge fails loudly if it is
+            # taken); otherwise the default port if free, else any free port.
+            if self.bridge_port is None:
+                explicit = ("bridge_port" in self.settings.model_fields_set
+                            or "TAXI_BRIDGE_PORT" in os.environ)
+                self.bridge_port = (self.settings.bridge_port if explicit
+                                    else free_port(self.settings.bridge_port))
             self.env["TAXI_BRIDGE_PORT"] = str(self.bridge_port)
             self.spawn("bridge", [sys.executable, "-m", "pubsub_bridge"])
         return self
@@ -213,12 +226,42 @@ class LocalStack:
                 return managed
         raise KeyError(name)
 
+    def descendants(self) -> list[psutil.Process]:
+        """Every live process below the ones we started (flow runs start their own sessions)."""
+        found: list[psutil.Process] = []
+        for managed in self.processes:
+            with contextlib.suppress(psutil.Error):
+                found += psutil.Process(managed.process.pid).children(recursive=True)
+        return found
+
     def stop(self) -> None:
-        """Bridge and worker first (they talk to the server), the server last."""
+        """Bridge and worker first (they talk to the server), then flow runs, the server last.
+
+        Flow-run processes may sit in sessions of their own, out of reach of a
+        process-group signal, so they are found by ancestry before anything stops
+        and killed if still alive; their runs are marked Crashed while the server
+        is still up, so the database does not keep them Running forever.
+        """
+        orphans: list[psutil.Process] = []
+        run_ids: dict[int, str] = {}
+        server = None
         for managed in reversed(self.processes):
             if managed.name == "prefect-server":
-                self.api_url_file.unlink(missing_ok=True)
+                server = managed
+                continue
+            orphans += self.descendants()  # again before each stop: runs may have started
+            run_ids.update(flow_run_ids(orphans))
             managed.stop()
+        survivors = kill_all(orphans)
+        if run_ids and self.api_url:
+            mark_crashed(self.api_url, run_ids, survivors)
+        if server is not None:
+            self.api_url_file.unlink(missing_ok=True)
+            server.stop()
+            kill_all(orphans)
+        if self.database is not None:
+            self.database.stop()
+            self.database = None
         self.processes.clear()
 
     def __enter__(self) -> LocalStack:
@@ -231,3 +274,56 @@ class LocalStack:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def flow_run_ids(processes: list[psutil.Process]) -> dict[int, str]:
+    """pid -> flow run id, for processes running a flow run (the engine reads it from env)."""
+    found: dict[int, str] = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            run_id = process.environ().get("PREFECT__FLOW_RUN_ID")
+            if run_id:
+                found[process.pid] = run_id
+    return found
+
+
+def kill_all(processes: list[psutil.Process], grace: float = 5.0) -> list[int]:
+    """SIGTERM what is still alive, SIGKILL what ignores it; returns pids that had to be killed."""
+    alive = [p for p in processes if p.is_running()]
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, stubborn = psutil.wait_procs(alive, timeout=grace)
+    for process in stubborn:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(stubborn, timeout=grace)
+    return [p.pid for p in alive]
+
+
+def mark_crashed(api_url: str, run_ids: dict[int, str], killed: list[int]) -> None:
+    """Crash the runs whose processes were stopped, unless they already reached a final state."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Crashed
+
+    async def _mark() -> None:
+        async with get_client() as client:
+            for pid, run_id in run_ids.items():
+                with contextlib.suppress(Exception):
+                    run = await client.read_flow_run(run_id)  # type: ignore[arg-type]
+                    if run.state is None or run.state.is_final():
+                        continue
+                    why = "killed" if pid in killed else "gone"
+                    await client.set_flow_run_state(
+                        run.id, Crashed(message=f"taxi-pipeline stopped the stack; the run's "
+                                                f"process (pid {pid}) was {why}"), force=True)
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        try:
+            asyncio.run(asyncio.wait_for(_mark(), timeout=20))
+        except Exception as exc:  # the server may already be unreachable
+            print(f"could not mark {len(run_ids)} interrupted flow run(s) Crashed: {exc}",
+                  file=sys.stderr)

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     bq_location: str = "US"
 
     # -- orchestration -----------------------------------------------------------
+    prefect_database: Literal["postgres", "sqlite"] = Field(
+        default="postgres",
+        description="Database of the Prefect server `up`/`demo` start: an embedded PostgreSQL "
+        "(HOME/prefect/postgres) or, as a fallback, SQLite (locks under bursts).",
+    )
     work_pool: str = ""
     transform_deployment: str = "transform"
     load_deployment: str = "load"
@@ -108,6 +113,27 @@ class Settings(BaseSettings):
     )
     download_lag_months: int = Field(
         default=2, ge=0, description="TLC publishes a month about two months after it ends."
+    )
+
+    # -- recovery ----------------------------------------------------------------
+    reconcile_every_minutes: float = Field(
+        default=2.0, gt=0,
+        description="Schedule of the reconcile deployment (every profile).",
+    )
+    reconcile_after_minutes: float = Field(
+        default=3.0, ge=0,
+        description="Reconcile re-emits an object only when it landed, and was last emitted, "
+        "at least this long ago (younger ones are probably still in flight).",
+    )
+    recovery_max_attempts: int = Field(
+        default=3, ge=1,
+        description="Automatic re-runs of one object generation after failed or crashed runs "
+        "and failed automation actions; then a person is told.",
+    )
+    alert_block: str = Field(
+        default="",
+        description="Name of a Prefect notification block (Slack, email, ...) that gets "
+        "`pipeline.recovery.exhausted` alerts; empty = the event and an ERROR log only.",
     )
 
     # -- transform ---------------------------------------------------------------
