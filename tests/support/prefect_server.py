@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from support.emulators import free_port, stop_group
@@ -87,10 +87,13 @@ def postgres_database(name: str = "prefect") -> Iterator[str]:
 class PrefectServer:
     """`prefect server start` on a fixed port; stop, kill and start again at will."""
 
-    def __init__(self, database_url: str, home: Path, port: int | None = None) -> None:
+    def __init__(self, database_url: str, home: Path, port: int | None = None,
+                 extra_env: Mapping[str, str] | None = None) -> None:
         self.database_url = database_url
         self.home = home
         self.port = port or free_port()
+        # Applied last, e.g. the production server's settings (Redis broker, auth).
+        self.extra_env = dict(extra_env or {})
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -105,6 +108,7 @@ class PrefectServer:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
             "PREFECT_API_URL": self.api_url,
+            **self.extra_env,
         }
 
     def start(self, timeout: float = 120) -> PrefectServer:
