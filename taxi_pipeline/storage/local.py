@@ -3,6 +3,13 @@
 A file's generation is its last change time in microseconds (the larger of
 mtime and ctime), so copying a file in again, even with `cp -p`, is a new
 generation, as an upload to GCS would be.
+
+Only regular files are objects. A bucket has no symlinks (following one could
+read outside the bucket), no directory objects, no special files and no names
+that are not UTF-8, so `entries` reports those as `NotAnObject` with a reason
+instead of listing or following them: `list` (reconcile, status) skips them,
+and the bridge records each as a `pipeline.notification.rejected` event. Both
+go through `entries`, so what counts as an object is decided in one place.
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ import base64
 import hashlib
 import mimetypes
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -34,19 +43,90 @@ def is_partial_name(name: str) -> bool:
 PARQUET_MAGIC = b"PAR1"
 
 
-def has_parquet_footer(path: Path) -> bool:
-    """True when the file starts and ends with the parquet magic (writing has finished)."""
+class NotARegularFile(OSError):
+    """The path is a FIFO, socket, device or directory, not a file that can be an object."""
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading; refuse anything else without blocking.
+
+    A plain open() of a FIFO waits for a writer forever, which would hang the
+    bridge's poll loop; O_NONBLOCK returns at once and the fstat check refuses it.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
-        with path.open("rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(f"{path} is {file_kind(mode)}, not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def has_parquet_footer(path: Path, *, strict: bool = False) -> bool:
+    """True when the file starts and ends with the parquet magic (writing has finished).
+
+    A file that cannot be read counts as "no footer"; with `strict` the OSError
+    is raised instead, so the bridge can tell "still being written" from
+    "unreadable" or "vanished".
+    """
+    try:
+        with open_regular(path) as handle:
+            if os.fstat(handle.fileno()).st_size < 2 * len(PARQUET_MAGIC):
+                return False
             head = handle.read(4)
             handle.seek(-4, os.SEEK_END)
             return head == PARQUET_MAGIC and handle.read(4) == PARQUET_MAGIC
     except OSError:
+        if strict:
+            raise
         return False
 
 
-def generation_of(stat: os.stat_result) -> int:
-    return max(stat.st_mtime_ns, stat.st_ctime_ns) // 1000
+def generation_of(st: os.stat_result) -> int:
+    return max(st.st_mtime_ns, st.st_ctime_ns) // 1000
+
+
+def file_kind(mode: int) -> str:
+    """'a FIFO', 'a socket', ... for messages about what a path is."""
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def printable_name(name: str) -> str:
+    """The name as valid UTF-8 text: undecodable bytes become `\\xff` escapes."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
+# Why something under the bucket directory is not an object (NotAnObject.why).
+SYMLINK = "symlink"
+DIRECTORY = "directory"
+NOT_A_FILE = "not_a_file"
+UNMAPPABLE_NAME = "unmappable_name"
+UNREADABLE = "unreadable"
+
+
+@dataclass(frozen=True)
+class NotAnObject:
+    """A path under the bucket directory that is not (or no longer) an object, and why.
+
+    `name` is bucket-relative and may hold surrogate escapes of undecodable
+    bytes; `uri` is the percent-encoded file:// URI, always valid text.
+    `generation` is the path's own change time where it has a meaningful one
+    (a link, a special file), None for directories.
+    """
+
+    name: str
+    uri: str
+    why: str
+    detail: str
+    generation: int | None = None
 
 
 class LocalStore:
@@ -95,7 +175,7 @@ class LocalStore:
     def md5(self, name: str) -> str:
         """Base64, as GCS reports it, so payloads look alike in every profile."""
         digest = hashlib.md5(usedforsecurity=False)
-        with self._path(name).open("rb") as handle:
+        with open_regular(self._path(name)) as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
         return base64.b64encode(digest.digest()).decode()
@@ -149,17 +229,115 @@ class LocalStore:
         return self.ref(to_name)
 
     def list(self, prefix: str) -> Iterator[ObjectRef]:
-        base = self._path(prefix) if prefix.strip("/") else self.root
-        if not base.is_dir():
+        """Objects under `prefix`, in name order; whatever is not an object is skipped."""
+        for entry in self.entries(prefix):
+            if isinstance(entry, ObjectRef):
+                yield entry
+
+    def entries(self, prefix: str) -> Iterator[ObjectRef | NotAnObject]:
+        """Everything under `prefix` in name order: objects, and what cannot be one and why.
+
+        Hidden and partial names (`is_partial_name`) are skipped silently: they
+        are how copy tools write before renaming. Nothing found raises: a path
+        that vanishes while it is walked is left out, a directory that cannot be
+        read is reported as `unreadable`. Symbolic links are reported, never
+        followed, including a symlinked prefix directory.
+        """
+        rel = prefix.strip("/")
+        if not rel:
+            yield from self._walk(self.root, "")
             return
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(filenames):
-                path = Path(dirpath, filename)
-                name = path.relative_to(self.root).as_posix()
-                if is_partial_name(name):
-                    continue
-                try:
-                    yield self._ref(name, path, path.stat())
-                except FileNotFoundError:
-                    continue
+        parts = rel.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"prefix {prefix!r} escapes the bucket directory {self.root}")
+        here = self.root
+        for depth, part in enumerate(parts, start=1):
+            here = here / part
+            try:
+                st = here.lstat()
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                yield self._not_object("/".join(parts[:depth]), UNREADABLE,
+                                       f"cannot inspect the directory: {exc.strerror}")
+                return
+            if stat.S_ISLNK(st.st_mode):
+                yield self._symlink("/".join(parts[:depth]), here, st)
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                return
+        yield from self._walk(here, rel + "/")
+
+    def _not_object(self, name: str, why: str, detail: str,
+                    generation: int | None = None) -> NotAnObject:
+        return NotAnObject(name, Path(self.root, name).as_uri(), why, detail, generation)
+
+    def _symlink(self, name: str, path: Path, st: os.stat_result) -> NotAnObject:
+        try:
+            target = printable_name(os.readlink(path))
+        except OSError:
+            target = "?"
+        return self._not_object(
+            name, SYMLINK,
+            f"a symbolic link to {target!r}: a bucket holds no links, and following one could "
+            "read outside the bucket; copy the file in instead",
+            generation_of(st))
+
+    def _walk(self, directory: Path, base: str) -> Iterator[ObjectRef | NotAnObject]:
+        try:
+            with os.scandir(directory) as scan:
+                found = [(entry, _is_dir(entry)) for entry in scan]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            yield self._not_object(base.rstrip("/"), UNREADABLE,
+                                   f"cannot list the directory: {exc.strerror}")
+            return
+        # `name/` sorts as its children's names do, so objects come out in name order.
+        found.sort(key=lambda item: item[0].name + ("/" if item[1] else ""))
+        for entry, is_dir in found:
+            name = base + entry.name
+            if entry.name.startswith(".") or (not is_dir and is_partial_name(name)):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone since the directory was read: not in the bucket any more
+            except OSError as exc:
+                yield self._not_object(name, UNREADABLE, f"cannot inspect it: {exc.strerror}")
+                continue
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                yield self._not_object(
+                    name, UNMAPPABLE_NAME,
+                    f"the name {printable_name(name)!r} is not valid UTF-8; object names are "
+                    "UTF-8 text in every bucket (and in events): rename it",
+                    None if stat.S_ISDIR(st.st_mode) else generation_of(st))
+                continue
+            mode = st.st_mode
+            if stat.S_ISLNK(mode):
+                yield self._symlink(name, Path(entry.path), st)
+            elif stat.S_ISDIR(mode):
+                if entry.name.endswith(".parquet"):
+                    yield self._not_object(
+                        name, DIRECTORY,
+                        "a directory, not a file: objects are files, and a directory named "
+                        "*.parquet is a dataset (Spark, pyarrow) whose parts are not TLC files; "
+                        "its contents are not announced. Drop each file as an object instead")
+                else:
+                    yield from self._walk(Path(entry.path), name + "/")
+            elif stat.S_ISREG(mode):
+                yield self._ref(name, Path(entry.path), st)
+            else:
+                yield self._not_object(name, NOT_A_FILE,
+                                       f"{file_kind(mode)}, not a regular file: never read",
+                                       generation_of(st))
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    """Without following links; an entry that cannot be inspected counts as a file."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
