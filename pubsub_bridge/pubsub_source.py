@@ -13,13 +13,12 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1  # type: ignore[attr-defined]
 from google.cloud.pubsub_v1.subscriber.message import Message
-from prefect.events import Event, Resource
+from prefect.events import Event
 
 from pubsub_bridge.health import HealthState, run_checks, sleep_or_stop
 from pubsub_bridge.metrics import BridgeMetrics
@@ -32,7 +31,6 @@ from taxi_pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_REJECTED_NAMESPACE = uuid.UUID("0b5d2f4c-31a8-4f57-9a43-7f5d3b0c9e12")
 BATCH = 500
 CONFIRM_EVERY = 0.5
 
@@ -43,21 +41,18 @@ def rejected_event(subscription: str, message: Message, error: Rejected) -> Even
     The id is derived from the message id, so a redelivery is stored once.
     """
     preview = bytes(message.data[:1024]).decode("utf-8", errors="replace")
-    return Event(
-        id=uuid.uuid5(_REJECTED_NAMESPACE, f"{subscription}\x00{message.message_id}"),
-        event=events.NOTIFICATION_REJECTED,
-        resource=Resource({
+    return events.notification_rejected(
+        {
             "prefect.resource.id": f"pubsub://{subscription}/messages/{message.message_id}",
             "pubsub.subscription": subscription,
-        }),
-        payload={
-            "why": error.why,
-            "detail": error.detail,
-            "attributes": dict(message.attributes),
-            "data_preview": preview,
-            "data_bytes": len(message.data),
-            "message_id": message.message_id,
         },
+        error.why,
+        error.detail,
+        key=f"{subscription}\x00{message.message_id}",
+        attributes=dict(message.attributes),
+        data_preview=preview,
+        data_bytes=len(message.data),
+        message_id=message.message_id,
     )
 
 

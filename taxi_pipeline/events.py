@@ -112,3 +112,24 @@ def table_resource(table_uri: str) -> dict[str, str]:
 
 def related_resources(items: list[dict[str, str]]) -> list[RelatedResource]:
     return [RelatedResource(item) for item in items]
+
+
+# Namespace of rejected-notification ids (the value the Pub/Sub source always used).
+_REJECTED_NAMESPACE = uuid.UUID("0b5d2f4c-31a8-4f57-9a43-7f5d3b0c9e12")
+
+
+def notification_rejected(resource: dict[str, str], why: str, detail: str, *, key: str,
+                          **payload: Any) -> Event:
+    """`pipeline.notification.rejected`: what a source can never announce, where people look.
+
+    Both sources build it here (a poison Pub/Sub message, a symlink or
+    unreadable file in the local bucket). The id is a uuid5 of `key` (the
+    message id, or the file, reason and generation), so a redelivery or a
+    restarted bridge reporting it again is stored once.
+    """
+    return Event(
+        id=uuid.uuid5(_REJECTED_NAMESPACE, key),
+        event=NOTIFICATION_REJECTED,
+        resource=Resource(resource),
+        payload={"why": why, "detail": detail, **payload},
+    )
