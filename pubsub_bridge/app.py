@@ -1,4 +1,8 @@
-"""The bridge's run loop: a source of object notifications -> stored Prefect events."""
+"""The bridge's run loop: a source of object notifications -> stored Prefect events.
+
+The directory loop never stops on one bad path: the source turns whatever it
+cannot announce into rejections, and those travel as events like any other.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import contextlib
 import logging
 from functools import partial
 
-from pubsub_bridge.directory_source import DirectorySource
+from pubsub_bridge.directory_source import DirectorySource, rejected_event
 from pubsub_bridge.health import HealthState, run_checks, sleep_or_stop
 from pubsub_bridge.metrics import BridgeMetrics
 from pubsub_bridge.relay import Relay, Submission
@@ -41,13 +45,21 @@ async def run_directory_bridge(settings: Settings, stop: asyncio.Event,
         health_task = asyncio.create_task(
             run_checks({"prefect": delivery.healthcheck}, health, stop))
         while not stop.is_set():
-            ready = source.scan()
-            if ready:
-                await relay.submit([
-                    Submission(events.object_finalized(ref, prefixes),
-                               ack=partial(source.ack, ref), nack=partial(source.nack, ref))
-                    for ref in ready
-                ])
+            submissions = [
+                Submission(events.object_finalized(ref, prefixes),
+                           ack=partial(source.ack, ref), nack=partial(source.nack, ref))
+                for ref in source.scan()
+            ]
+            # What can never be announced is recorded like a poison Pub/Sub message:
+            # stored through the same relay, and remembered as reported once stored.
+            submissions += [
+                Submission(rejected_event(rejection, store.bucket, prefixes),
+                           ack=partial(source.ack_rejection, rejection),
+                           nack=partial(source.nack_rejection, rejection))
+                for rejection in source.rejections()
+            ]
+            if submissions:
+                await relay.submit(submissions)
             await relay.confirm()
             source.flush()
             await sleep_or_stop(stop, settings.poll_seconds)

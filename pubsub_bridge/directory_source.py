@@ -5,8 +5,22 @@ held still for `settle_seconds` (a slow copy keeps changing), and a .parquet
 file additionally once its footer magic is present. Polling sees both without
 tracking write events, and works on every OS and on network mounts.
 
-Confirmed (name, generation) pairs are kept in a state file, so a restarted
-bridge does not announce the whole bucket again.
+A file without a footer is never announced while a process holds it open for
+writing (seen in /proc, see `OpenForWriting`): a writer that pauses is not a
+truncated file. Only a .parquet file that has stopped changing, that no
+process the bridge can see holds open for writing, and that still has no
+footer after `stall_seconds` is announced (the transform then quarantines it
+as truncated). Where /proc cannot be read, the stall timer alone decides.
+
+What can never be announced (a symlink, a directory named *.parquet, a FIFO,
+a name that is not UTF-8, a file that cannot be read or that vanishes before it
+is read) is logged once and handed to the relay as a
+`pipeline.notification.rejected` event; the bridge goes on with other files.
+One bad path never stops the loop.
+
+Confirmed (name, generation) pairs and reported rejections are kept in a state
+file, so a restarted bridge neither announces the whole bucket again nor
+reports the same rejection again.
 """
 
 from __future__ import annotations
@@ -19,13 +33,89 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pubsub_bridge.metrics import BridgeMetrics
-from taxi_pipeline.objects import ObjectRef
-from taxi_pipeline.storage.local import LocalStore, has_parquet_footer
+from prefect.events import Event
 
-__all__ = ["DirectorySource", "has_parquet_footer"]
+from pubsub_bridge.metrics import BridgeMetrics
+from taxi_pipeline import events
+from taxi_pipeline.objects import ObjectRef, dataset_of, stage_of
+from taxi_pipeline.storage.base import ObjectNotFound
+from taxi_pipeline.storage.local import (
+    NOT_A_FILE,
+    UNREADABLE,
+    LocalStore,
+    NotAnObject,
+    NotARegularFile,
+    has_parquet_footer,
+    printable_name,
+)
+
+__all__ = ["VANISHED", "DirectorySource", "OpenForWriting", "has_parquet_footer",
+           "rejected_event"]
 
 log = logging.getLogger(__name__)
+
+VANISHED = "vanished"
+ERROR = "error"  # an unexpected exception while reading one file: reported, not fatal
+
+_WRITE_MODES = (os.O_WRONLY, os.O_RDWR)
+
+
+class OpenForWriting:
+    """Which files under a directory some process holds open for writing (Linux /proc).
+
+    For each `/proc/<pid>/fd/<n>` whose link points below `root`, the access
+    mode in `/proc/<pid>/fdinfo/<n>` (`flags:`, octal) tells O_WRONLY/O_RDWR
+    from O_RDONLY, so readers (the transform, a `cat`) never hold a file back.
+
+    `snapshot` reads /proc once (a few milliseconds for a few hundred
+    processes); the source calls it at most once per poll, and only when a
+    file past its settle time lacks a footer. It returns None where /proc is
+    missing or unreadable: then nobody is known to write, and the stall timer
+    alone decides. Processes the bridge may not inspect (another user's, when
+    the bridge is not root; a writer on another host of a network mount) are
+    not seen either; for them, too, only the stall timer protects.
+    """
+
+    def __init__(self, root: Path, proc: Path = Path("/proc")) -> None:
+        self.prefix = str(root).rstrip("/") + "/"
+        self.proc = proc
+        self._warned = False
+
+    def snapshot(self) -> dict[str, set[int]] | None:
+        """Path -> pids holding it open for writing, or None when /proc cannot be read."""
+        try:
+            pids = [p for p in os.listdir(self.proc) if p.isdigit()]
+        except OSError as exc:
+            if not self._warned:
+                log.warning("cannot read %s (%s): files still open for writing are recognised "
+                            "by TAXI_STALL_SECONDS only", self.proc, exc)
+                self._warned = True
+            return None
+        writers: dict[str, set[int]] = {}
+        for pid in pids:
+            fd_dir = f"{self.proc}/{pid}/fd"
+            try:
+                fds = os.listdir(fd_dir)
+            except OSError:  # exited, or not ours to inspect
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(f"{fd_dir}/{fd}")
+                except OSError:
+                    continue
+                if target.startswith(self.prefix) and self._writes(pid, fd):
+                    writers.setdefault(target, set()).add(int(pid))
+        return writers
+
+    def _writes(self, pid: str, fd: str) -> bool:
+        try:
+            with open(f"{self.proc}/{pid}/fdinfo/{fd}") as info:
+                for line in info:
+                    if line.startswith("flags:"):
+                        return int(line.split()[1], 8) & os.O_ACCMODE in _WRITE_MODES
+        except (OSError, ValueError, IndexError):  # closed meanwhile: not a writer any more
+            return False
+        return False
 
 
 @dataclass
@@ -33,6 +123,48 @@ class _Watch:
     size: int
     generation: int
     stable_since: float
+    held_logged: bool = False
+
+
+def _failure(ref: ObjectRef, uri: str, exc: Exception) -> NotAnObject:
+    """Why reading a listed file failed, as a rejection of that generation."""
+    if isinstance(exc, FileNotFoundError | ObjectNotFound):
+        why, detail = VANISHED, "it vanished between listing and reading; nothing was announced"
+    elif isinstance(exc, NotARegularFile):
+        why, detail = NOT_A_FILE, str(exc)
+    elif isinstance(exc, OSError):
+        why, detail = UNREADABLE, f"the bridge cannot read it: {exc.strerror or exc}"
+    else:
+        why, detail = ERROR, f"{type(exc).__name__}: {exc}"
+    return NotAnObject(ref.name, uri, why, detail, ref.generation)
+
+
+def rejected_event(rejection: NotAnObject, bucket: str, prefixes: dict[str, str]) -> Event:
+    """`pipeline.notification.rejected` about one path in the bucket directory.
+
+    The resource is the path's file:// URI with the usual object labels (so
+    `taxi-pipeline status` and event filters find it like any object); the id
+    is deterministic per (path, reason, generation), so a restarted bridge
+    reporting it again is stored once.
+    """
+    name = printable_name(rejection.name)
+    resource = {
+        "prefect.resource.id": rejection.uri,
+        "prefect.resource.name": name.rsplit("/", 1)[-1],
+        events.LABEL_BUCKET: bucket,
+        events.LABEL_OBJECT: name,
+        events.LABEL_STAGE: stage_of(name, prefixes),
+        events.LABEL_DATASET: dataset_of(name),
+    }
+    generation = "" if rejection.generation is None else str(rejection.generation)
+    if generation:
+        resource[events.LABEL_GENERATION] = generation
+    return events.notification_rejected(
+        resource, rejection.why, rejection.detail,
+        key=f"{rejection.uri}\x00{rejection.why}\x00{generation}")
+
+
+Token = tuple[str, int | None]  # (why, generation): one rejection of one path
 
 
 class DirectorySource:
@@ -43,7 +175,8 @@ class DirectorySource:
         state_path: Path,
         metrics: BridgeMetrics,
         settle_seconds: float = 1.0,
-        stall_seconds: float = 30.0,
+        stall_seconds: float = 120.0,
+        writers: OpenForWriting | None = None,
     ) -> None:
         self.store = store
         self.prefixes = prefixes
@@ -51,20 +184,31 @@ class DirectorySource:
         self.metrics = metrics
         self.settle = settle_seconds
         self.stall = stall_seconds
-        self.done: dict[str, int] = self._load_state()
+        self.writers = writers or OpenForWriting(store.root)
+        self.done: dict[str, int] = {}
+        self.reported: dict[str, Token] = {}  # rejections confirmed stored
+        self._load_state()
         self.watching: dict[str, _Watch] = {}
         self.in_flight: dict[str, int] = {}
+        self.rejecting: dict[str, NotAnObject] = {}  # rejections queued or in flight
+        self._queue: list[NotAnObject] = []
+        self._logged: set[tuple[str, Token]] = set()
+        self._listing_errors: dict[str, str] = {}
+        self._open: dict[str, set[int]] | None = None
+        self._open_read = False
         self._dirty = False
 
-    def _load_state(self) -> dict[str, int]:
+    def _load_state(self) -> None:
         try:
             data = json.loads(self.state_path.read_text())
-            return {str(k): int(v) for k, v in data.get("confirmed", {}).items()}
+            self.done = {str(k): int(v) for k, v in data.get("confirmed", {}).items()}
+            self.reported = {str(k): (str(v[0]), None if v[1] is None else int(v[1]))
+                             for k, v in data.get("rejected", {}).items()}
         except FileNotFoundError:
-            return {}
-        except (ValueError, AttributeError) as exc:
+            pass
+        except (ValueError, AttributeError, TypeError, IndexError, KeyError) as exc:
             log.warning("state file %s is unreadable (%s); starting afresh", self.state_path, exc)
-            return {}
+            self.done, self.reported = {}, {}
 
     def flush(self) -> None:
         """Write the confirmed set if it changed (atomically: temp file + rename)."""
@@ -72,55 +216,173 @@ class DirectorySource:
             return
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"confirmed": self.done}, indent=0, sort_keys=True))
+        state = {"confirmed": self.done,
+                 "rejected": {k: list(v) for k, v in self.reported.items()}}
+        tmp.write_text(json.dumps(state, indent=0, sort_keys=True))
         os.replace(tmp, self.state_path)
         self._dirty = False
 
+    # -- scanning ----------------------------------------------------------------------
+
     def scan(self, now: float | None = None) -> list[ObjectRef]:
-        """Objects that are complete, new, and not already announced or in flight."""
+        """Objects that are complete, new, and not already announced or in flight.
+
+        Paths that can never be announced are queued for `rejections()`.
+        """
         now = time.monotonic() if now is None else now
         ready: list[ObjectRef] = []
         seen: set[str] = set()
+        complete = True
+        self._open_read = False  # one /proc snapshot per poll, taken when first needed
         for prefix in self.prefixes:
-            for ref in self.store.list(prefix):
-                seen.add(ref.name)
-                if self.done.get(ref.name) == ref.generation:
-                    continue
-                if self.in_flight.get(ref.name) == ref.generation:
-                    continue
-                size = ref.size or 0
-                watch = self.watching.get(ref.name)
-                if watch is None or (watch.size, watch.generation) != (size, ref.generation):
-                    self.watching[ref.name] = _Watch(size, ref.generation, now)
-                    continue
-                quiet = now - watch.stable_since
-                if quiet < self.settle:
-                    continue
-                path = self.store.root / ref.name
-                if (ref.name.endswith(".parquet") and quiet < self.stall
-                        and not has_parquet_footer(path)):
-                    continue  # still being written, or truncated: wait for the stall limit
-                try:
-                    ref = dataclasses.replace(ref, md5_hash=self.store.md5(ref.name))
-                except FileNotFoundError:
-                    continue
-                del self.watching[ref.name]
-                self.in_flight[ref.name] = ref.generation
-                self.metrics.received.inc()
-                ready.append(ref)
-        for name in [n for n in self.watching if n not in seen]:
-            del self.watching[name]
-        gone = [n for n in self.done if n not in seen]
-        if gone:
-            for name in gone:
-                del self.done[name]
-            self._dirty = True
+            try:
+                for entry in self.store.entries(prefix):
+                    seen.add(entry.name)
+                    if isinstance(entry, NotAnObject):
+                        self.watching.pop(entry.name, None)
+                        self._reject(entry)
+                        continue
+                    ref = self._consider(entry, now)
+                    if ref is not None:
+                        ready.append(ref)
+                self._listing_errors.pop(prefix, None)
+            except Exception as exc:  # a listing that breaks off must not stop the bridge
+                complete = False
+                message = f"{type(exc).__name__}: {exc}"
+                if self._listing_errors.get(prefix) != message:
+                    log.exception("listing prefix=%s failed; trying again next poll", prefix)
+                    self._listing_errors[prefix] = message
+        if complete:  # a partial listing says nothing about what is gone
+            self._forget_missing(seen)
         return ready
+
+    def _consider(self, ref: ObjectRef, now: float) -> ObjectRef | None:
+        """`ref` with its md5 when it is ready to announce now, else None."""
+        if self.done.get(ref.name) == ref.generation:
+            return None
+        if self.in_flight.get(ref.name) == ref.generation:
+            return None
+        known = self._known(ref.name)
+        if known is not None and known[1] == ref.generation:
+            return None  # this generation was rejected (unreadable, ...): reported once
+        size = ref.size or 0
+        watch = self.watching.get(ref.name)
+        if watch is None or (watch.size, watch.generation) != (size, ref.generation):
+            self.watching[ref.name] = _Watch(size, ref.generation, now)
+            return None
+        quiet = now - watch.stable_since
+        if quiet < self.settle:
+            return None
+        try:
+            if not self._complete(ref, watch, quiet):
+                return None
+            ref = dataclasses.replace(ref, md5_hash=self.store.md5(ref.name))
+        except Exception as exc:
+            del self.watching[ref.name]
+            self._reject(_failure(ref, ref.uri, exc), exc)
+            return None
+        del self.watching[ref.name]
+        self.in_flight[ref.name] = ref.generation
+        self.metrics.received.inc()
+        return ref
+
+    def _complete(self, ref: ObjectRef, watch: _Watch, quiet: float) -> bool:
+        """Settled; is it finished? Raises OSError when the file cannot be read."""
+        path = self.store.root / ref.name
+        parquet = ref.name.endswith(".parquet")
+        if parquet and has_parquet_footer(path, strict=True):
+            return True
+        if parquet and quiet < self.stall:
+            return False  # still being written, or truncated: wait for the stall limit
+        holders = self._writers_of(path)
+        if holders:
+            if not watch.held_logged:
+                log.info("waiting uri=%s generation=%d: unchanged for %.0fs%s but open for "
+                         "writing by pid %s; announced once it is closed", ref.uri,
+                         ref.generation, quiet, " without a parquet footer" if parquet else "",
+                         ",".join(map(str, sorted(holders))))
+                watch.held_logged = True
+            return False
+        if parquet:
+            log.warning("announcing uri=%s generation=%d without a parquet footer: unchanged "
+                        "for %.0fs and open for writing by no process the bridge can see "
+                        "(it will be quarantined as truncated)", ref.uri, ref.generation, quiet)
+        return True
+
+    def _writers_of(self, path: Path) -> set[int]:
+        if not self._open_read:
+            self._open = self.writers.snapshot()
+            self._open_read = True
+        return (self._open or {}).get(str(path), set())
+
+    def _forget_missing(self, seen: set[str]) -> None:
+        for name in [n for n in self.watching if n not in seen]:
+            watch = self.watching.pop(name)
+            self._reject(NotAnObject(
+                name, Path(self.store.root, name).as_uri(), VANISHED,
+                "it vanished after the bridge listed it and before it was complete; nothing "
+                "was announced", watch.generation))
+        gone = [n for n in self.done if n not in seen]
+        gone_rejected = [n for n in self.reported if n not in seen]
+        for name in gone:
+            del self.done[name]
+        for name in gone_rejected:
+            del self.reported[name]
+        if gone or gone_rejected:
+            self._dirty = True
+        self._logged = {item for item in self._logged
+                        if item[0] in seen or item[0] in self.rejecting}
+
+    # -- rejections ----------------------------------------------------------------------
+
+    def _known(self, name: str) -> Token | None:
+        pending = self.rejecting.get(name)
+        if pending is not None:
+            return (pending.why, pending.generation)
+        return self.reported.get(name)
+
+    def _reject(self, rejection: NotAnObject, exc: Exception | None = None) -> None:
+        """Queue a rejection for the relay, once per (path, reason, generation)."""
+        token: Token = (rejection.why, rejection.generation)
+        if self._known(rejection.name) == token:
+            return
+        if (rejection.name, token) not in self._logged:
+            self._logged.add((rejection.name, token))
+            self.metrics.rejected.labels(why=rejection.why).inc()
+            log.warning("rejected uri=%s why=%s generation=%s: %s", rejection.uri, rejection.why,
+                        rejection.generation, rejection.detail,
+                        exc_info=exc if rejection.why == ERROR else None)
+        self.rejecting[rejection.name] = rejection
+        self._queue.append(rejection)
+
+    def rejections(self) -> list[NotAnObject]:
+        """Rejections to hand to the relay now (new ones, and nacked ones again)."""
+        queued, self._queue = self._queue, []
+        current = [r for r in queued if self.rejecting.get(r.name) is r]
+        self.metrics.received.inc(len(current))
+        return current
+
+    def ack_rejection(self, rejection: NotAnObject) -> None:
+        """Its event is stored: remember it was reported (across restarts too)."""
+        pending = self.rejecting.get(rejection.name)
+        if pending is not None and pending is not rejection:
+            return  # superseded by a newer rejection of the same path, still in flight
+        self.rejecting.pop(rejection.name, None)
+        self.reported[rejection.name] = (rejection.why, rejection.generation)
+        self._dirty = True
+
+    def nack_rejection(self, rejection: NotAnObject) -> None:
+        """Not stored (the server is unreachable): report it again next poll."""
+        if self.rejecting.get(rejection.name) is rejection:
+            self._queue.append(rejection)
+
+    # -- announcements -------------------------------------------------------------------
 
     def ack(self, ref: ObjectRef) -> None:
         self.done[ref.name] = ref.generation
         if self.in_flight.get(ref.name) == ref.generation:
             del self.in_flight[ref.name]
+        self.reported.pop(ref.name, None)  # an older rejection of this name is history
         self._dirty = True
 
     def nack(self, ref: ObjectRef) -> None:

@@ -70,12 +70,18 @@ class Settings(BaseSettings):
     # -- local directory source --------------------------------------------------
     settle_seconds: float = Field(
         default=1.0,
-        description="A file must keep the same size and mtime this long before it is emitted.",
+        description="A file must keep the same size and mtime this long before it is emitted; "
+        "a .parquet file must also have its footer, and a file without one is never emitted "
+        "while a process holds it open for writing (seen in /proc on Linux).",
     )
     stall_seconds: float = Field(
-        default=30.0,
-        description="A .parquet file without its footer is emitted anyway after this long "
-        "unchanged (it will be quarantined as truncated).",
+        default=120.0,
+        description="A .parquet file without its footer is emitted anyway (and quarantined as "
+        "truncated) once it has been unchanged this long and no process the bridge can see "
+        "holds it open for writing. Only writers the bridge cannot see rely on this timer: a "
+        "writer on another host of a network mount, another user's process, a writer that "
+        "closes and reopens the file between chunks, or any writer where /proc is unreadable. "
+        "Longer is safer for those; it only delays the answer for a truly truncated file.",
     )
     poll_seconds: float = 0.5
 
