@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Any, cast
 from uuid import UUID
 
@@ -24,6 +25,8 @@ from automations.apply import apply_automations
 from automations.definitions import pipeline_automations
 from flows.download import download
 from flows.load import load
+from flows.reconcile import reconcile
+from flows.recover import recover
 from flows.transform import transform
 from taxi_pipeline.settings import Settings, get_settings
 
@@ -52,7 +55,8 @@ async def ensure_work_pool(settings: Settings) -> None:
             )
 
 
-def register(flow: Flow[Any, Any], name: str, settings: Settings, cron: str | None = None) -> UUID:
+def register(flow: Flow[Any, Any], name: str, settings: Settings, cron: str | None = None,
+             interval: timedelta | None = None) -> UUID:
     # to_deployment/apply dispatch to their async twins inside an event loop; here
     # (plain sync code) they return the values.
     deployment = cast(RunnerDeployment, flow.to_deployment(
@@ -62,6 +66,7 @@ def register(flow: Flow[Any, Any], name: str, settings: Settings, cron: str | No
         description=(flow.description or "").strip().splitlines()[0] if flow.description else None,
         tags=["taxi-pipeline"],
         cron=cron,
+        interval=interval,
     ))
     image = settings.image or None
     if pool_type(settings) == "kubernetes" and not image:
@@ -72,16 +77,40 @@ def register(flow: Flow[Any, Any], name: str, settings: Settings, cron: str | No
     return deployment_id
 
 
+async def alert_block_id(settings: Settings) -> UUID | None:
+    """The notification block named by TAXI_ALERT_BLOCK (`<block-type-slug>/<name>`)."""
+    if not settings.alert_block:
+        return None
+    slug, _, name = settings.alert_block.partition("/")
+    if not name:
+        raise RuntimeError(f"TAXI_ALERT_BLOCK={settings.alert_block!r}: expected "
+                           "<block-type-slug>/<name>, for example slack-webhook/taxi-alerts")
+    async with get_client() as client:
+        try:
+            block = await client.read_block_document_by_name(name, slug)
+        except ObjectNotFound:
+            raise RuntimeError(f"TAXI_ALERT_BLOCK: no {slug} block named {name!r}; create it "
+                               "(`prefect block create " + slug + "`) or unset the variable"
+                               ) from None
+    return block.id
+
+
 def deploy(settings: Settings | None = None) -> dict[str, UUID]:
-    """Register download (on its cron), transform and load; point the automations at them."""
+    """Register download (on its cron), transform, load, reconcile (on its interval) and
+    recover; point the automations at them."""
     settings = settings or get_settings()
     asyncio.run(ensure_work_pool(settings))
     ids = {
         "download": register(download, "scheduled", settings, cron=settings.download_cron),
         "transform": register(transform, settings.transform_deployment, settings),
         "load": register(load, settings.load_deployment, settings),
+        "reconcile": register(reconcile, "scheduled", settings,
+                              interval=timedelta(minutes=settings.reconcile_every_minutes)),
+        "recover": register(recover, "recover", settings),
     }
-    outcome = asyncio.run(apply_automations(pipeline_automations(ids["transform"], ids["load"])))
+    automations = pipeline_automations(ids["transform"], ids["load"], ids["recover"],
+                                       asyncio.run(alert_block_id(settings)))
+    outcome = asyncio.run(apply_automations(automations))
     for name, what in outcome.items():
         log.info("automation %r %s", name, what)
     return ids

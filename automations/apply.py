@@ -16,10 +16,21 @@ from prefect.events.schemas.automations import AutomationCore
 log = logging.getLogger(__name__)
 
 
-async def apply_automations(automations: list[Automation]) -> dict[str, str]:
-    """Returns {name: "created" | "updated"}."""
+async def apply_automations(automations: list[Automation],
+                            owned_prefix: str = "taxi-pipeline: ") -> dict[str, str]:
+    """Returns {name: "created" | "updated" | "deleted"}.
+
+    Automations whose name starts with `owned_prefix` but are no longer defined
+    (an alert block that was unset, a renamed automation) are deleted.
+    """
     outcome: dict[str, str] = {}
+    wanted = {a.name for a in automations}
     async with get_client() as client:
+        for stale in await client.read_automations():
+            if stale.name.startswith(owned_prefix) and stale.name not in wanted:
+                await client.delete_automation(stale.id)
+                outcome[stale.name] = "deleted"
+                log.info("automation %r deleted (no longer defined)", stale.name)
         for automation in automations:
             existing = await client.read_automations_by_name(automation.name)
             core = AutomationCore(**automation.model_dump(exclude={"id", "owner_resource"}))

@@ -6,8 +6,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from prefect import get_run_logger
+from prefect import Task, get_run_logger
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.events import emit_event
+from prefect.runtime import flow_run
 
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
@@ -45,8 +47,35 @@ class RunContext:
     skipped: dict[str, Any]
 
 
-def begin(step: str, uri: str, generation: int | None, event_id: str | None) -> RunContext:
-    """Resolve the event's object; log and describe a skip when it is gone or superseded."""
+# Transient failures (storage, warehouse, API) are retried with growing waits; bad
+# input is not retried, because it would fail the same way every time.
+TRANSIENT_RETRIES = 3
+RETRY_DELAYS = [2.0, 10.0, 30.0]
+
+
+def retry_unless(*permanent: type[BaseException]) -> Any:
+    """A task `retry_condition_fn` that retries everything but the `permanent` errors."""
+
+    def should_retry(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+        error = state.result(raise_on_failure=False)
+        return not isinstance(error, permanent)
+
+    return should_retry
+
+
+def object_run_name() -> str:
+    """Flow runs named after their object (`transform yellow_tripdata_2024-01.parquet`)."""
+    uri = str(flow_run.parameters.get("object_uri", ""))
+    return f"{flow_run.flow_name} {uri.rsplit('/', 1)[-1] or '?'}"
+
+
+def begin(step: str, uri: str, generation: int | None, event_id: str | None,
+          started_event: str | None = None) -> RunContext:
+    """Resolve the event's object; log and describe a skip when it is gone or superseded.
+
+    `started_event` is emitted once the object resolves, so reconcile can tell a
+    run in progress from a stalled object.
+    """
     logger = get_run_logger()
     settings = get_settings()
     store = store_from_settings(settings)
@@ -55,6 +84,8 @@ def begin(step: str, uri: str, generation: int | None, event_id: str | None) -> 
         logger.warning("skipped %s uri=%s event=%s: %s", step, uri, event_id, why_not)
         return RunContext(settings, store, None, {"status": "skipped", "reason": why_not})
     logger.info("%s uri=%s generation=%s event=%s", step, obj.uri, obj.generation, event_id)
+    if started_event:
+        emit(started_event, obj, settings, payload={"event_id": event_id})
     return RunContext(settings, store, obj, {})
 
 

@@ -12,13 +12,20 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import begin, emit
+from flows.common import (
+    RETRY_DELAYS,
+    TRANSIENT_RETRIES,
+    begin,
+    emit,
+    object_run_name,
+    retry_unless,
+)
 from flows.tlc_schema import CANONICAL_SCHEMA
 from flows.transform_core import METADATA_SOURCE_GENERATION, METADATA_SOURCE_URI
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.settings import get_settings
-from taxi_pipeline.storage import ObjectStore
+from taxi_pipeline.storage import ObjectNotFound, ObjectStore
 from taxi_pipeline.warehouse import LoadResult, warehouse_from_settings
 
 
@@ -40,7 +47,8 @@ def read_lineage(store: ObjectStore, obj: ObjectRef) -> tuple[str, int]:
         ) from None
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, retries=TRANSIENT_RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_unless(NotAProcessedObject, ObjectNotFound))
 def load_object(store: ObjectStore, obj: ObjectRef) -> tuple[LoadResult, str]:
     settings = get_settings()
     source_uri, source_generation = read_lineage(store, obj)
@@ -56,12 +64,12 @@ def load_object(store: ObjectStore, obj: ObjectRef) -> tuple[LoadResult, str]:
     return result, warehouse.table_uri(settings.table)
 
 
-@flow(name="load")
+@flow(name="load", flow_run_name=object_run_name)
 def load(object_uri: str, generation: int | None = None,
          event_id: str | None = None) -> dict[str, Any]:
     """Load one processed object into the warehouse (replacing its source's older rows)."""
     logger = get_run_logger()
-    run = begin("load", object_uri, generation, event_id)
+    run = begin("load", object_uri, generation, event_id, events.LOAD_STARTED)
     if run.obj is None:
         return run.skipped
     settings, store, obj = run.settings, run.store, run.obj

@@ -13,15 +13,23 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import artifact_key, begin, emit
+from flows.common import (
+    RETRY_DELAYS,
+    TRANSIENT_RETRIES,
+    artifact_key,
+    begin,
+    emit,
+    object_run_name,
+    retry_unless,
+)
 from flows.transform_core import BadInputFile, TransformStats, transform_parquet
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef, dataset_of, month_of, sibling_name
 from taxi_pipeline.settings import Settings
-from taxi_pipeline.storage import ObjectStore
+from taxi_pipeline.storage import ObjectNotFound, ObjectStore
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, retries=TRANSIENT_RETRIES, retry_delay_seconds=RETRY_DELAYS)
 def quarantine(store: ObjectStore, obj: ObjectRef, error: BadInputFile, settings: Settings) -> str:
     """Move the file out of raw/ so it is not retried, and say why in an event."""
     logger = get_run_logger()
@@ -38,7 +46,8 @@ def quarantine(store: ObjectStore, obj: ObjectRef, error: BadInputFile, settings
     return moved.uri
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, retries=TRANSIENT_RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_unless(BadInputFile, ObjectNotFound))
 def transform_object(
     store: ObjectStore, obj: ObjectRef, settings: Settings
 ) -> tuple[TransformStats, ObjectRef, ObjectRef]:
@@ -76,12 +85,12 @@ def _summary(obj: ObjectRef, stats: TransformStats) -> list[dict[str, Any]]:
     return rows
 
 
-@flow(name="transform")
+@flow(name="transform", flow_run_name=object_run_name)
 def transform(object_uri: str, generation: int | None = None,
               event_id: str | None = None) -> dict[str, Any]:
     """Validate, normalise and split one raw TLC object (the event's resource)."""
     logger = get_run_logger()
-    run = begin("transform", object_uri, generation, event_id)
+    run = begin("transform", object_uri, generation, event_id, events.TRANSFORM_STARTED)
     if run.obj is None:
         return run.skipped
     settings, store, obj = run.settings, run.store, run.obj

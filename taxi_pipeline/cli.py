@@ -227,33 +227,30 @@ async def _status(settings: Settings, target: str) -> int:
 
 
 async def _reconcile(settings: Settings, older_than: timedelta, dry_run: bool) -> int:
-    from taxi_pipeline.reconcile import find_stalled
+    from taxi_pipeline.reconcile import reconcile
 
-    store = store_from_settings(settings)
-    stalled = list(find_stalled(store, warehouse_from_settings(settings), settings, older_than))
-    for item in stalled:
-        print(f"stalled {item.obj.uri} generation {item.obj.generation}: {item.why}")
-    if not stalled:
-        print("nothing stalled: every raw object older than "
-              f"{older_than} is loaded or quarantined")
+    report = await reconcile(settings, older_than, dry_run)
+    busy = dict((id(item), why) for item, why in report.in_flight)
+    for item in report.stalled:
+        state = f"in flight ({busy[id(item)]}): left alone" if id(item) in busy else item.why
+        print(f"stalled {item.obj.uri} generation {item.obj.generation}: {state}")
+    if not report.to_emit:
+        print("nothing to re-emit: every raw object older than "
+              f"{older_than} is loaded, quarantined or on its way")
         return 0
     if dry_run:
+        print(f"would re-emit {len(report.to_emit)} (dry run)")
         return 0
-    to_send = [events.object_finalized(item.obj, settings.stage_prefixes, reemit=True)
-               for item in stalled]
-    async with EventDelivery() as delivery:
-        stored = await delivery.deliver(to_send, timeout=60)
-    print(f"re-emitted {len(stored)} of {len(to_send)} (confirmed stored)")
-    return 0 if len(stored) == len(to_send) else 1
+    print(f"re-emitted {len(report.confirmed)} of {len(report.emitted)} (confirmed stored)")
+    return 0 if not report.unconfirmed else 1
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Re-emit raw objects that landed but never reached the warehouse."""
     settings = get_settings()
-    older_than = timedelta(minutes=args.older_than_minutes)
-    if args.dry_run:  # reads bucket and warehouse only; no Prefect server needed
-        return asyncio.run(_reconcile(settings, older_than, dry_run=True))
-    return _with_api(settings, _reconcile(settings, older_than, args.dry_run))
+    minutes = (settings.reconcile_after_minutes if args.older_than_minutes is None
+               else args.older_than_minutes)
+    return _with_api(settings, _reconcile(settings, timedelta(minutes=minutes), args.dry_run))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -293,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     reemit.set_defaults(func=cmd_reemit)
     reconcile = sub.add_parser(
         "reconcile", help="re-emit raw objects that landed but never reached the warehouse")
-    reconcile.add_argument("--older-than-minutes", type=float, default=15.0,
-                           help="leave younger objects alone (probably still in flight)")
+    reconcile.add_argument(
+        "--older-than-minutes", type=float, default=None,
+        help="leave objects alone that landed or had a pipeline event more recently than "
+             "this (default: TAXI_RECONCILE_AFTER_MINUTES, 3)")
     reconcile.add_argument("--dry-run", action="store_true", help="list, do not re-emit")
     reconcile.set_defaults(func=cmd_reconcile)
     status = sub.add_parser("status", help="events and warehouse rows of one object")

@@ -12,19 +12,31 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.events import Event
 from prefect.events.clients import EventsClient, get_events_client
-from prefect.events.filters import EventFilter, EventIDFilter, EventOccurredFilter
+from prefect.events.filters import (
+    EventFilter,
+    EventIDFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventOrder,
+    EventResourceFilter,
+)
 
 log = logging.getLogger(__name__)
 
 # The events API answers at most this many events per page.
 READ_BATCH = 50
+# A redelivered notification carries the id of a copy stored up to this long ago
+# (Pub/Sub keeps unacknowledged messages at most 31 days); the server keeps the
+# first copy with its original time, so confirmation must look back that far.
+REDELIVERY_WINDOW = timedelta(days=31)
 
 
 class EventDelivery:
@@ -85,7 +97,7 @@ class EventDelivery:
         found: set[UUID] = set()
         for start in range(0, len(events), READ_BATCH):
             batch = events[start : start + READ_BATCH]
-            since = min(e.occurred for e in batch) - timedelta(minutes=5)
+            since = min(e.occurred for e in batch) - REDELIVERY_WINDOW
             until = max(e.occurred for e in batch) + timedelta(minutes=5)
             page = await self._api.read_events(
                 filter=EventFilter(
@@ -96,6 +108,45 @@ class EventDelivery:
             )
             found.update(e.id for e in page.events)
         return found
+
+    async def about(self, resource_ids: list[str], since: datetime,
+                    names: list[str] | None = None) -> list[Event]:
+        """Every stored event (named one of `names`) whose resource is one of `resource_ids`."""
+        assert self._api is not None, "use EventDelivery as an async context manager"
+        window: dict[str, Any] = {"since": since,
+                                  "until": datetime.now(UTC) + timedelta(minutes=5)}
+        page = await self._api.read_events(
+            filter=EventFilter(
+                resource=EventResourceFilter(id=resource_ids),
+                event=EventNameFilter(name=names) if names else None,
+                occurred=EventOccurredFilter(**window),
+                order=EventOrder.ASC,
+            ),
+            limit=READ_BATCH,
+        )
+        found: list[Event] = list(page.events)
+        while page.next_page:
+            page = await self._api.read_events_page(str(page.next_page))
+            found += page.events
+        return found
+
+    async def read(self, event_id: UUID, timeout: float = 0.0) -> Event | None:
+        """One stored event by id; waits up to `timeout` for it to be persisted."""
+        assert self._api is not None, "use EventDelivery as an async context manager"
+        deadline = time.monotonic() + timeout
+        window: dict[str, Any] = {"since": datetime.now(UTC) - REDELIVERY_WINDOW,
+                                  "until": datetime.now(UTC) + timedelta(minutes=5)}
+        while True:
+            page = await self._api.read_events(
+                filter=EventFilter(id=EventIDFilter(id=[event_id]),
+                                   occurred=EventOccurredFilter(**window)),
+                limit=1,
+            )
+            if page.events:
+                return page.events[0]
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(self._poll)
 
     async def deliver(self, events: list[Event], timeout: float) -> set[UUID]:
         """Emit `events` and wait up to `timeout` seconds until they are stored.

@@ -1,4 +1,4 @@
-"""Find object generations that landed but never reached the warehouse.
+"""Find object generations that landed but never reached the warehouse, and re-emit them.
 
 At-least-once delivery still leaves gaps the bridge cannot see: an event stored
 but never acted on after a server crash, an automation action that failed (the
@@ -6,24 +6,66 @@ server does not retry those), a notification GCS never sent. The bucket and the
 warehouse's load log are the truth: a raw object whose current generation is
 not loaded, and not in quarantine, has stalled. Re-emitting it (with the
 `pipeline.reemit` label) runs the chain again; flows are idempotent.
+
+The event history keeps a scheduled reconcile from piling work onto objects
+already on their way: an object with any pipeline event in the last
+`older_than`, or a transform/load started within RUNNING_GRACE and not yet
+finished, is left alone.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from uuid import UUID
 
+from prefect.events import Event
+
+from taxi_pipeline import events
+from taxi_pipeline.event_delivery import EventDelivery
 from taxi_pipeline.objects import ObjectRef, sibling_name
 from taxi_pipeline.settings import Settings
-from taxi_pipeline.storage import ObjectNotFound, ObjectStore
-from taxi_pipeline.warehouse import Warehouse
+from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
+from taxi_pipeline.warehouse import Warehouse, warehouse_from_settings
+
+log = logging.getLogger(__name__)
+
+# A transform or load that started this recently and has not finished is presumed
+# running (a 3M-row month transforms in seconds; this leaves a wide margin).
+RUNNING_GRACE = timedelta(minutes=30)
+_STARTED = {events.TRANSFORM_STARTED, events.LOAD_STARTED}
+# URIs per events query (each object adds its processed sibling).
+_QUERY_BATCH = 25
+# An object whose automatic recovery gave up (pipeline.recovery.exhausted) within
+# this window waits for a person (`taxi-pipeline reemit`) instead of looping.
+EXHAUSTED_WINDOW = timedelta(days=7)
 
 
 @dataclass(frozen=True)
 class Stalled:
     obj: ObjectRef
     why: str
+
+
+@dataclass
+class ReconcileReport:
+    """What one reconcile pass found and did."""
+
+    stalled: list[Stalled] = field(default_factory=list)
+    in_flight: list[tuple[Stalled, str]] = field(default_factory=list)
+    emitted: list[Event] = field(default_factory=list)
+    confirmed: set[UUID] = field(default_factory=set)
+
+    @property
+    def to_emit(self) -> list[Stalled]:
+        busy = {id(item) for item, _ in self.in_flight}
+        return [item for item in self.stalled if id(item) not in busy]
+
+    @property
+    def unconfirmed(self) -> int:
+        return sum(1 for event in self.emitted if event.id not in self.confirmed)
 
 
 def find_stalled(store: ObjectStore, warehouse: Warehouse, settings: Settings,
@@ -54,3 +96,72 @@ def find_stalled(store: ObjectStore, warehouse: Warehouse, settings: Settings,
         else:
             yield Stalled(obj, f"warehouse holds generation {loaded[0]}, bucket has "
                                f"{obj.generation}")
+
+
+def _processed_uri(obj: ObjectRef, settings: Settings) -> str:
+    processed = sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix)
+    return ObjectRef(bucket=obj.bucket, name=processed, generation=0, scheme=obj.scheme).uri
+
+
+async def latest_events(delivery: EventDelivery, uris: list[str], since: datetime,
+                        names: list[str] | None = None) -> dict[str, Event]:
+    """The newest event (named one of `names`) about each URI since `since`."""
+    latest: dict[str, Event] = {}
+    for start in range(0, len(uris), _QUERY_BATCH):
+        for event in await delivery.about(uris[start:start + _QUERY_BATCH], since, names):
+            uri = event.resource.id
+            if uri not in latest or event.occurred > latest[uri].occurred:
+                latest[uri] = event
+    return latest
+
+
+def why_in_flight(latest: list[Event], older_than: timedelta, now: datetime,
+                  exhausted: list[Event] | None = None,
+                  landed: datetime | None = None) -> str | None:
+    """Why an object with these newest events should be left alone, or None."""
+    for event in exhausted or []:
+        if landed is None or event.occurred >= landed:
+            return (f"automatic recovery gave up at {event.occurred:%Y-%m-%d %H:%M}; "
+                    "re-emit it by hand once the cause is fixed")
+    if not latest:
+        return None
+    newest = max(latest, key=lambda e: e.occurred)
+    age = now - newest.occurred
+    if age < older_than:
+        return f"{newest.event} {age.total_seconds():.0f}s ago"
+    if newest.event in _STARTED and age < RUNNING_GRACE:
+        return f"{newest.event} {age.total_seconds():.0f}s ago and not finished"
+    return None
+
+
+async def reconcile(settings: Settings, older_than: timedelta, dry_run: bool,
+                    confirm_timeout: float = 60.0) -> ReconcileReport:
+    """One pass: find stalled objects, skip those in flight, re-emit the rest (confirmed)."""
+    store = store_from_settings(settings)
+    warehouse = warehouse_from_settings(settings)
+    now = datetime.now(UTC)
+    report = ReconcileReport(stalled=list(find_stalled(store, warehouse, settings, older_than,
+                                                       now)))
+    async with EventDelivery() as delivery:
+        if report.stalled:
+            uris = [u for item in report.stalled
+                    for u in (item.obj.uri, _processed_uri(item.obj, settings))]
+            latest = await latest_events(delivery, uris, now - max(older_than, RUNNING_GRACE))
+            gave_up = await latest_events(delivery, uris, now - EXHAUSTED_WINDOW,
+                                          [events.RECOVERY_EXHAUSTED])
+            for item in report.stalled:
+                pair = (item.obj.uri, _processed_uri(item.obj, settings))
+                why = why_in_flight([latest[u] for u in pair if u in latest], older_than, now,
+                                    [gave_up[u] for u in pair if u in gave_up],
+                                    item.obj.updated)
+                if why:
+                    report.in_flight.append((item, why))
+        if dry_run or not report.to_emit:
+            return report
+        report.emitted = [events.object_finalized(item.obj, settings.stage_prefixes, reemit=True)
+                          for item in report.to_emit]
+        report.confirmed = await delivery.deliver(report.emitted, timeout=confirm_timeout)
+    for event in report.emitted:
+        log.info("re-emitted uri=%s id=%s stored=%s", event.resource.id, event.id,
+                 event.id in report.confirmed)
+    return report

@@ -370,4 +370,4 @@ def test_reconcile_re_emits_what_never_reached_the_warehouse(
     assert "re-emitted" in capsys.readouterr().out
     assert wait_loaded(settings, uri, generation) == sample.expected_good
     assert main(["reconcile", "--older-than-minutes", "0", "--dry-run"]) == 0
-    assert "nothing stalled" in capsys.readouterr().out
+    assert "nothing to re-emit" in capsys.readouterr().out
