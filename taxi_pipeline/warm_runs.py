@@ -67,6 +67,12 @@ ENGINE_MODULES = (
     "prefect.results",
     "prefect._internal.metrics",
     "prefect._internal.control_listener",
+    "anyio._backends._asyncio",
+    "anyio.streams.memory",
+    "anyio.streams.stapled",
+    "anyio.streams.tls",
+    "encodings.idna",
+    "rich._emoji_codes",
 )
 
 MAX_REQUEST_BYTES = 16 * 2**20
@@ -371,6 +377,9 @@ class ForkServer:
         self.children[pid] = conn
         self.started += 1
         conn.send(b"P%d\n" % pid)
+        assert conn.request is not None
+        flow_run = conn.request[2].get(b"PREFECT__FLOW_RUN_ID", b"?").decode(errors="replace")
+        _log(f"pid {pid} runs flow run {flow_run}")
 
     def _reap(self) -> None:
         while self.children:
@@ -380,9 +389,11 @@ class ForkServer:
                 return
             if pid == 0:
                 return
+            code = os.waitstatus_to_exitcode(status)
+            _log(f"pid {pid} exited with {code}")
             conn = self.children.pop(pid, None)
             if conn is not None:
-                conn.send(b"X%d\n" % os.waitstatus_to_exitcode(status))
+                conn.send(b"X%d\n" % code)
                 self._drop(conn)
 
     # -- stop -------------------------------------------------------------------

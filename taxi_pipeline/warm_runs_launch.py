@@ -31,7 +31,10 @@ import _signal
 import _socket
 import os
 import sys
-from typing import NoReturn
+
+TYPE_CHECKING = False  # `typing` alone costs more start-up than the rest of this file
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 MAGIC = b"WR1"
 FORWARDED_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT,
