@@ -35,6 +35,7 @@ from pubsub_bridge.metrics import BridgeMetrics
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.storage.base import ObjectNotFound
 from taxi_pipeline.storage.local import (
     DIRECTORY,
     NOT_A_FILE,
@@ -159,6 +160,25 @@ def test_a_symlinked_prefix_directory_is_rejected_and_lists_nothing(
     assert settle(source) == ["processed/yellow/x.parquet"]
     (rejection,) = acked(source)
     assert (rejection.name, rejection.why) == ("raw", SYMLINK)
+
+
+def test_ref_agrees_with_the_listing_on_what_is_an_object(
+    store: LocalStore, tmp_path: Path, parquet: bytes
+) -> None:
+    """A re-emitted or reconciled name is resolved by ref(): links are not followed there either."""
+    write(store, GOOD, parquet)
+    (tmp_path / "outside.parquet").write_bytes(parquet)
+    links = {"raw/in.parquet": store.root / GOOD, "raw/out.parquet": tmp_path / "outside.parquet"}
+    for name, target in links.items():
+        (store.root / name).symlink_to(target)
+    (store.root / "raw" / "linked").symlink_to(store.root / "raw" / "yellow")
+    (store.root / BAD).mkdir()
+    for name in [*links, "raw/linked/2024/yellow_tripdata_2024-01.parquet", BAD]:
+        with pytest.raises(ObjectNotFound):
+            store.ref(name)
+    assert store.ref(GOOD).size == len(parquet)
+    with pytest.raises(ValueError):
+        store.ref("raw/../../outside.parquet")
 
 
 def test_a_directory_named_parquet_is_rejected_and_not_entered(

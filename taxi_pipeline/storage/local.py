@@ -166,11 +166,24 @@ class LocalStore:
         )
 
     def ref(self, name: str) -> ObjectRef:
-        path = self._path(name)
+        """The current generation of `name`: a regular file reached without any symlink.
+
+        What `entries` would not list is no object here either (a re-emitted
+        symlink's name is not followed), so every caller agrees on what exists.
+        """
+        lexical = Path(os.path.normpath(self.root / name))
+        if self.root not in lexical.parents:
+            raise ValueError(f"object name {name!r} escapes the bucket directory {self.root}")
         try:
-            return self._ref(name, path, path.stat())
+            st = lexical.lstat()
         except FileNotFoundError as exc:
-            raise ObjectNotFound(f"{path} does not exist") from exc
+            raise ObjectNotFound(f"{lexical} does not exist") from exc
+        path = lexical.resolve()
+        if path != lexical:
+            raise ObjectNotFound(f"{lexical} is reached through a symbolic link, not an object")
+        if not stat.S_ISREG(st.st_mode):
+            raise ObjectNotFound(f"{lexical} is {file_kind(st.st_mode)}, not an object")
+        return self._ref(name, path, st)
 
     def md5(self, name: str) -> str:
         """Base64, as GCS reports it, so payloads look alike in every profile."""
