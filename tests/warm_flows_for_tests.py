@@ -20,8 +20,9 @@ from prefect.settings import get_current_settings
 
 
 @flow(name="warm-probe", log_prints=True)
-def probe(out_dir: str, fail: bool = False, sleep: float = 0.0) -> int:
-    """Record pid, parent, cwd and the settings this process sees; then sleep and/or fail."""
+def probe(out_dir: str, fail: bool = False, sleep: float = 0.0,
+          exit_code: int | None = None) -> int:
+    """Record pid, parent, cwd and the settings this process sees; then sleep, fail or exit."""
     settings = get_current_settings()
     record = {
         "pid": os.getpid(),
@@ -41,6 +42,8 @@ def probe(out_dir: str, fail: bool = False, sleep: float = 0.0) -> int:
     print(f"probe pid {os.getpid()} ppid {os.getppid()}")
     if sleep:
         time.sleep(sleep)
+    if exit_code is not None:
+        os._exit(exit_code)  # the process dies under the engine, as a crash would
     if fail:
         raise RuntimeError("asked to fail")
     return os.getpid()
