@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -21,30 +20,12 @@ from flows.common import (
     retry_unless,
 )
 from flows.tlc_schema import CANONICAL_SCHEMA
-from flows.transform_core import METADATA_SOURCE_GENERATION, METADATA_SOURCE_URI
 from taxi_pipeline import events
+from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.settings import get_settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore
 from taxi_pipeline.warehouse import LoadResult, warehouse_from_settings
-
-
-class NotAProcessedObject(ValueError):
-    """The object lacks the lineage the transform writes; it was not made by it."""
-
-
-def read_lineage(store: ObjectStore, obj: ObjectRef) -> tuple[str, int]:
-    """(source URI, source generation) from the parquet footer's key-value metadata."""
-    with store.open_read(obj) as handle:
-        metadata = pq.read_metadata(handle).metadata or {}
-    try:
-        return (metadata[METADATA_SOURCE_URI].decode(),
-                int(metadata[METADATA_SOURCE_GENERATION]))
-    except KeyError:
-        raise NotAProcessedObject(
-            f"{obj.uri} has no lineage metadata: only files written by the transform flow "
-            "can be loaded. Put raw files under the raw prefix instead."
-        ) from None
 
 
 @task(cache_policy=NO_CACHE, retries=TRANSIENT_RETRIES, retry_delay_seconds=RETRY_DELAYS,

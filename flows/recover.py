@@ -26,9 +26,9 @@ from prefect.client.orchestration import get_client
 from prefect.events import Event, Resource
 from prefect.states import Failed
 
-from flows.load import NotAProcessedObject, read_lineage
 from taxi_pipeline import events
 from taxi_pipeline.event_delivery import EventDelivery
+from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
 from taxi_pipeline.objects import ObjectRef, stage_of
 from taxi_pipeline.settings import Settings, get_settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings

@@ -23,9 +23,7 @@ from flows.tlc_schema import (
     SchemaMismatch,
     resolve_columns,
 )
-
-METADATA_SOURCE_URI = b"taxi_pipeline.source_uri"
-METADATA_SOURCE_GENERATION = b"taxi_pipeline.source_generation"
+from taxi_pipeline.lineage import lineage_metadata
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -140,10 +138,7 @@ def transform_parquet(
         "source_generation": pa.scalar(source_generation, pa.int64()),
         "ingested_at": pa.scalar(ingested_at or datetime.now(UTC), pa.timestamp("us", tz="UTC")),
     }
-    metadata = {
-        METADATA_SOURCE_URI: source_uri.encode(),
-        METADATA_SOURCE_GENERATION: str(source_generation).encode(),
-    }
+    metadata = lineage_metadata(source_uri, source_generation)
     stats = TransformStats()
     with (
         pq.ParquetWriter(processed_path, CANONICAL_SCHEMA.with_metadata(metadata),

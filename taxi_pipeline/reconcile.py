@@ -25,6 +25,7 @@ from prefect.events import Event
 
 from taxi_pipeline import events
 from taxi_pipeline.event_delivery import EventDelivery
+from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
 from taxi_pipeline.objects import ObjectRef, sibling_name
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
@@ -45,8 +46,16 @@ EXHAUSTED_WINDOW = timedelta(days=7)
 
 @dataclass(frozen=True)
 class Stalled:
+    """A raw object generation that never reached the warehouse, and where to resume."""
+
     obj: ObjectRef
     why: str
+    resume: ObjectRef | None = None
+
+    @property
+    def to_emit(self) -> ObjectRef:
+        """The processed object when the transform already made it, else the raw object."""
+        return self.resume or self.obj
 
 
 @dataclass
@@ -91,11 +100,32 @@ def find_stalled(store: ObjectStore, warehouse: Warehouse, settings: Settings,
                 continue
         except ObjectNotFound:
             pass
-        if loaded is None:
-            yield Stalled(obj, "never loaded")
-        else:
-            yield Stalled(obj, f"warehouse holds generation {loaded[0]}, bucket has "
-                               f"{obj.generation}")
+        resume = transformed(store, obj, settings)
+        why = "never loaded" if loaded is None else (
+            f"warehouse holds generation {loaded[0]}, bucket has {obj.generation}")
+        if resume is not None:
+            why += "; its processed object is ready, so only the load is re-run"
+        yield Stalled(obj, why, resume)
+
+
+def transformed(store: ObjectStore, raw: ObjectRef, settings: Settings) -> ObjectRef | None:
+    """The processed object made from exactly this raw generation, if there is one.
+
+    Re-emitting it re-runs only the load (a lost notification of the processed
+    object must not cost a second transform, and may never heal otherwise).
+    """
+    name = sibling_name(raw.name, settings.raw_prefix, settings.processed_prefix)
+    try:
+        processed = store.ref(name)
+        source_uri, source_generation = read_lineage(store, processed)
+    except (ObjectNotFound, NotAProcessedObject):
+        return None
+    except Exception as exc:  # unreadable footer: the transform will write it again
+        log.warning("cannot read lineage of %s in the bucket: %s", name, exc)
+        return None
+    if source_uri == raw.uri and source_generation == raw.generation:
+        return processed
+    return None
 
 
 def _processed_uri(obj: ObjectRef, settings: Settings) -> str:
@@ -158,7 +188,8 @@ async def reconcile(settings: Settings, older_than: timedelta, dry_run: bool,
                     report.in_flight.append((item, why))
         if dry_run or not report.to_emit:
             return report
-        report.emitted = [events.object_finalized(item.obj, settings.stage_prefixes, reemit=True)
+        report.emitted = [events.object_finalized(item.to_emit, settings.stage_prefixes,
+                                                  reemit=True)
                           for item in report.to_emit]
         report.confirmed = await delivery.deliver(report.emitted, timeout=confirm_timeout)
     for event in report.emitted:

@@ -20,12 +20,9 @@ from support.emulators import emulators_available, fake_gcs_server
 
 from flows.tlc_schema import CANONICAL_SCHEMA
 from flows.transform import transform_object
-from flows.transform_core import (
-    METADATA_SOURCE_GENERATION,
-    BadInputFile,
-    transform_parquet,
-)
+from flows.transform_core import BadInputFile, transform_parquet
 from taxi_pipeline import gcp_clients
+from taxi_pipeline.lineage import METADATA_SOURCE_GENERATION
 from taxi_pipeline.objects import ObjectRef, sibling_name
 from taxi_pipeline.sample_data import generate_month, tlc_file_name, write_month
 from taxi_pipeline.settings import Settings

@@ -19,13 +19,8 @@ import flows.transform_core as transform_core
 from flows import quality
 from flows.quality import RULES, month_bounds, reject_reasons
 from flows.tlc_schema import CANONICAL_SCHEMA, REJECTS_SCHEMA
-from flows.transform_core import (
-    METADATA_SOURCE_GENERATION,
-    METADATA_SOURCE_URI,
-    BadInputFile,
-    TransformStats,
-    transform_parquet,
-)
+from flows.transform_core import BadInputFile, TransformStats, transform_parquet
+from taxi_pipeline.lineage import METADATA_SOURCE_GENERATION, METADATA_SOURCE_URI
 from taxi_pipeline.sample_data import generate_month, write_month
 
 INGESTED_AT = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

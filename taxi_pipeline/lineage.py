@@ -1,0 +1,38 @@
+"""Lineage of a processed object: which raw object generation it was made from.
+
+The transform writes it into the parquet footer's key-value metadata; the load
+and reconcile read it back (only the footer, never the rows).
+"""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from taxi_pipeline.objects import ObjectRef
+from taxi_pipeline.storage import ObjectStore
+
+METADATA_SOURCE_URI = b"taxi_pipeline.source_uri"
+METADATA_SOURCE_GENERATION = b"taxi_pipeline.source_generation"
+
+
+class NotAProcessedObject(ValueError):
+    """The object lacks the lineage the transform writes; it was not made by it."""
+
+
+def lineage_metadata(source_uri: str, source_generation: int) -> dict[bytes, bytes]:
+    return {METADATA_SOURCE_URI: source_uri.encode(),
+            METADATA_SOURCE_GENERATION: str(source_generation).encode()}
+
+
+def read_lineage(store: ObjectStore, obj: ObjectRef) -> tuple[str, int]:
+    """(source URI, source generation) from the parquet footer's key-value metadata."""
+    with store.open_read(obj) as handle:
+        metadata = pq.read_metadata(handle).metadata or {}
+    try:
+        return (metadata[METADATA_SOURCE_URI].decode(),
+                int(metadata[METADATA_SOURCE_GENERATION]))
+    except KeyError:
+        raise NotAProcessedObject(
+            f"{obj.uri} has no lineage metadata: only files written by the transform flow "
+            "can be loaded. Put raw files under the raw prefix instead."
+        ) from None

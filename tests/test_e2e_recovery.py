@@ -1,0 +1,235 @@
+"""The pipeline heals itself on the local profile: no command is run after a file lands.
+
+A real Prefect server (embedded PostgreSQL), worker, bridge, deployments and
+automations, as `taxi-pipeline up` starts them; the scheduler and the
+reconcile/recover deployments do the healing. Waits are bounded polls for a
+positive signal (rows in the warehouse, an event stored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from test_e2e_local import drop, read_events, wait_events, wait_loaded
+
+from automations.apply import apply_automations
+from automations.definitions import RAW_LANDED, pipeline_automations
+from taxi_pipeline import events
+from taxi_pipeline.local_stack import LocalStack
+from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.storage.local import LocalStore
+
+pytestmark = pytest.mark.e2e
+
+SCHEDULER_LOOP_SECONDS = 5
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    home = tmp_path_factory.mktemp("recovery-home")
+    settings = Settings(profile="local", home=home, bucket=str(home / "bucket"),
+                        stall_seconds=5, reconcile_every_minutes=0.5,
+                        reconcile_after_minutes=0.25)
+    env = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": str(SCHEDULER_LOOP_SECONDS)}
+    with LocalStack(settings, ui=False, api_url=None, env=env) as running:
+        assert running.api_url
+        with temporary_settings(updates={PREFECT_API_URL: running.api_url}):
+            yield running
+
+
+def _runs(flow: str, deployment: str, states: list[StateType] | None = None) -> int:
+    async def _count() -> int:
+        async with get_client() as client:
+            return await client.count_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=states))) if states else None,
+            )
+
+    return asyncio.run(_count())
+
+
+def test_the_scheduler_creates_the_download_and_reconcile_runs(stack: LocalStack) -> None:
+    """SQLAlchemy 2.1 broke this silently: no scheduled runs, an error every minute."""
+    deadline = time.monotonic() + 6 * SCHEDULER_LOOP_SECONDS + 60
+    while time.monotonic() < deadline:
+        if _runs("download", "scheduled", [StateType.SCHEDULED]) and \
+                _runs("reconcile", "scheduled"):
+            break
+        time.sleep(1)
+    assert _runs("download", "scheduled", [StateType.SCHEDULED]) >= 1
+    assert _runs("reconcile", "scheduled") >= 1
+    server_log = stack.process("prefect-server").log_path.read_text(errors="replace")
+    assert "InvalidRequestError" not in server_log
+    assert "schedule_deployments" not in server_log or "Traceback" not in server_log
+
+
+def test_reconcile_deployment_loads_a_file_the_bridge_never_saw(
+        stack: LocalStack, tmp_path: Path) -> None:
+    settings = stack.settings
+    bridge = stack.process("bridge")
+    bridge.stop()
+    stack.processes.remove(bridge)
+    try:
+        sample = generate_month("green", 2021, 3, 3_000, seed=21)
+        name = raw_object_name(settings.raw_prefix, "green", 2021, 3)
+        path = drop(write_month(sample, tmp_path / "g.parquet"), settings, name)
+        generation = LocalStore(settings.bucket_dir).ref(name).generation
+        # Nobody runs a command: the scheduled reconcile re-emits it.
+        assert wait_loaded(settings, path.as_uri(), generation) == sample.expected_good
+        finalized = read_events([events.OBJECT_FINALIZED], path.as_uri())
+        assert finalized and all(e.resource.get(events.LABEL_REEMIT) == "true"
+                                 for e in finalized)
+    finally:
+        stack.spawn("bridge", [sys.executable, "-m", "pubsub_bridge"])
+
+
+async def _deployment_ids(names: list[tuple[str, str]]) -> list[Any]:
+    async with get_client() as client:
+        return [(await client.read_deployment_by_name(f"{flow}/{name}")).id
+                for flow, name in names]
+
+
+def test_a_failed_automation_action_ends_with_the_object_loaded(
+        stack: LocalStack, tmp_path: Path) -> None:
+    settings = stack.settings
+    transform_id, load_id, recover_id = asyncio.run(_deployment_ids(
+        [("transform", "transform"), ("load", "load"), ("recover", "recover")]))
+    healthy = pipeline_automations(transform_id, load_id, recover_id)
+    broken = pipeline_automations(transform_id, load_id, recover_id)
+    # A parameter the deployment's schema refuses: the server answers 409 and the
+    # action fails, as it does when the server answers 503 under load.
+    raw_landed = next(a for a in broken if a.name == RAW_LANDED)
+    raw_landed.actions[0].parameters["generation"] = "not-a-generation"  # type: ignore[union-attr,index]
+    asyncio.run(apply_automations(broken))
+    try:
+        sample = generate_month("yellow", 2022, 5, 3_000, seed=22)
+        name = raw_object_name(settings.raw_prefix, "yellow", 2022, 5)
+        path = drop(write_month(sample, tmp_path / "y.parquet"), settings, name)
+        generation = LocalStore(settings.bucket_dir).ref(name).generation
+        failed = _wait_action_failed(RAW_LANDED, path.as_uri())
+        assert failed
+    finally:
+        asyncio.run(apply_automations(healthy))
+    assert wait_loaded(settings, path.as_uri(), generation) == sample.expected_good
+    attempts = wait_events([events.RECOVERY_ATTEMPTED], path.as_uri())
+    assert "failed" in attempts[0].payload["cause"]
+
+
+def _wait_action_failed(automation: str, uri: str, timeout: float = 120) -> list[Any]:
+    """The `prefect.automation.action.failed` events of `automation` after `uri` landed."""
+    from prefect.events.filters import (
+        EventFilter,
+        EventNameFilter,
+        EventOccurredFilter,
+        EventResourceFilter,
+    )
+
+    async def _read() -> list[Any]:
+        async with get_client() as client:
+            page = await client.read_events(filter=EventFilter(
+                event=EventNameFilter(name=["prefect.automation.action.failed"]),
+                resource=EventResourceFilter(labels={"prefect.resource.name": [automation]}),
+                occurred=EventOccurredFilter()), limit=50)
+            return list(page.events)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # Only count failures that happened after the object landed.
+        if read_events([events.OBJECT_FINALIZED], uri):
+            found = asyncio.run(_read())
+            if found:
+                return found
+        time.sleep(0.5)
+    raise AssertionError(f"no failed action of {automation!r} within {timeout:.0f}s")
+
+
+def test_a_failed_transform_run_is_re_run_and_the_object_loaded(
+        stack: LocalStack, tmp_path: Path) -> None:
+    settings = stack.settings
+    name = raw_object_name(settings.raw_prefix, "yellow", 2019, 8)
+    # A file where the output directory must go: every write of the transform fails
+    # (after its task retries), so the run ends Failed.
+    blocker = settings.bucket_dir / settings.processed_prefix / "yellow" / "2019"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("in the way")
+    sample = generate_month("yellow", 2019, 8, 3_000, seed=23)
+    path = drop(write_month(sample, tmp_path / "y.parquet"), settings, name)
+    generation = LocalStore(settings.bucket_dir).ref(name).generation
+    failed = wait_events([events.TRANSFORM_FAILED], path.as_uri(), timeout=240)
+    assert "Error" in failed[0].payload["error"]
+    blocker.unlink()  # the cause goes away; no command is run
+    assert wait_loaded(settings, path.as_uri(), generation) == sample.expected_good
+    attempts = wait_events([events.RECOVERY_ATTEMPTED], path.as_uri())
+    assert attempts[0].payload["attempt"] == 1
+    assert "Failed" in attempts[0].payload["cause"]
+
+
+def test_ctrl_c_on_up_during_a_flow_run_leaves_nothing_behind(tmp_path: Path) -> None:
+    home = tmp_path / "up-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TAXI_", "PREFECT_API"))}
+    env["TAXI_HOME"] = str(home)
+    cli = Path(sys.executable).with_name("taxi-pipeline")
+    up = subprocess.Popen([str(cli), "up"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert up.stdout is not None
+    lines = []
+    for line in up.stdout:
+        lines.append(line)
+        if line.startswith("Running."):
+            break
+    assert lines and lines[-1].startswith("Running."), "".join(lines)
+
+    def ours(marker: bytes = f"TAXI_HOME={home}".encode()) -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    def flow_runs() -> list[int]:
+        return [pid for pid in ours() if b"PREFECT__FLOW_RUN_ID" in
+                Path(f"/proc/{pid}/environ").read_bytes()]
+
+    sample = generate_month("yellow", 2024, 3, 200_000, seed=24)
+    target = home / "bucket" / raw_object_name("raw/", "yellow", 2024, 3)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(write_month(sample, tmp_path / "m.parquet"), target)
+    deadline = time.monotonic() + 120
+    while not flow_runs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert flow_runs(), "no flow run started within 120 s"
+    os.killpg(up.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground group
+    assert up.wait(timeout=120) == 0
+    assert "nothing left running" in up.stdout.read()
+    deadline = time.monotonic() + 10
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ours() == []
