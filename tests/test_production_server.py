@@ -1,0 +1,493 @@
+"""The Prefect server in its production configuration, run here, SIGKILLed after accepting events.
+
+The server's environment is read from `kubectl kustomize k8s/overlays/gke` (the
+`prefect-server` container: its literal values, its ConfigMap and the names of
+its secrets) so this test runs what the manifests deploy: PostgreSQL, the Redis
+messaging broker (prefect-redis), causal ordering, lease storage and docket on
+Redis, API auth. Only addresses (Redis, database, API host and port, the
+filesystem under PREFECT_HOME) and the two secrets (database URL, auth string)
+are replaced by local values.
+
+Each trial emits a batch of events with deterministic ids, SIGKILLs the server
+the moment they are accepted (websocket: the pong that follows the last event;
+HTTP: the 204 of `POST /api/events`), restarts it on the same database and
+Redis, and reads the events back by id until a positive signal says the
+persister is done (a sentinel emitted after the restart is stored and the count
+has stopped changing) or a deadline passes.
+
+What Prefect 3.8.8 + prefect-redis 0.3.0 do, and what the assertions rest on:
+
+- The websocket handler reads events off the socket one at a time and writes
+  each to Redis (dedupe key, then XADD). A websocket pong says only that the
+  bytes arrived; events still queued in the server process are lost by a
+  SIGKILL, with or without Redis.
+- `POST /api/events` answers 204 only after its events are in the Redis stream.
+- The event persister acknowledges a stream message as soon as the event is in
+  its in-memory queue and writes the queue to the database every
+  PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE events (20) or 5 s. With
+  the default, events that reached Redis can still be lost; with 1, each event
+  is written before it is acknowledged, and unacknowledged messages are
+  re-claimed by the restarted server.
+- A lost event that had reached Redis keeps its dedupe key for 5 minutes, so a
+  re-emit with the same id is dropped until then (the bridge re-emits every
+  TAXI_BRIDGE_CONFIRM_SECONDS, so it is stored late, not never).
+
+So the guarantee stays the bridge's: acknowledge only what was read back.
+
+`python tests/test_production_server.py --runs 3` prints the figures the README
+quotes (each configuration, each path, several runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+from prefect.events import Event
+from prefect.events.clients import get_events_client
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+from support.k8s import find, render
+from support.prefect_server import PrefectServer, postgres_available, postgres_database
+from support.redis_server import RedisServer, redis_available, redis_server
+
+from taxi_pipeline.event_delivery import EventDelivery
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OVERLAY = REPO_ROOT / "k8s" / "overlays" / "gke"
+SERVER = "prefect-server"  # the Deployment and its container (contract with k8s/)
+
+# Local stand-ins for the two values the manifests take from Secrets.
+AUTH_STRING = "taxi-test:not-a-real-password"
+LOCAL_SECRETS = {"PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_API_AUTH_STRING"}
+
+REDIS_BROKER = "prefect_redis.messaging"
+BROKER_SETTINGS = ("PREFECT_MESSAGING_BROKER", "PREFECT_SERVER_EVENTS_MESSAGING_BROKER")
+PERSISTER_BATCH = "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE"
+# prefect_redis.messaging.Cache keeps one key per published event id (5 min TTL).
+DEDUPE_KEY = "message:messaging-cache:{}"
+
+EVENTS_PER_TRIAL = 100
+POST_BATCH = 50  # events per POST /api/events, as the bridge batches them
+STORE_DEADLINE = 60.0  # seconds after the restart to wait for the events
+SETTLE_SECONDS = 6.0  # count unchanged this long (> the persister's 5 s flush interval)
+MIN_WAIT = 12.0  # > the 5 s idle time after which a restarted consumer re-claims messages
+PATH_SETTING = re.compile(r"_(HOME|PATH|DIR|DIRECTORY|FILE)$")
+NAMESPACE = uuid.UUID("0b5f3d2a-6a43-4f4e-9d52-3c1f5b8e7a10")
+
+
+# --- the server's environment, from the manifests -------------------------------------
+
+
+@dataclass(frozen=True)
+class ManifestServer:
+    """What the `prefect-server` container gets: settings, secret names, command."""
+
+    env: dict[str, str]
+    secret_env: dict[str, str]  # variable -> "secret/key"
+    command: list[str]
+
+
+def manifest_server(overlay: Path = OVERLAY) -> ManifestServer:
+    """Render the overlay and collect the server container's environment as Kubernetes would."""
+    docs = render(overlay)
+    deployment = find(docs, "Deployment", SERVER)
+    matches = [c for c in deployment["spec"]["template"]["spec"]["containers"]
+               if c["name"] == SERVER]
+    assert len(matches) == 1, f"Deployment {SERVER} has no container named {SERVER}"
+    container = matches[0]
+    env: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    for source in container.get("envFrom", []):  # envFrom first: env entries win
+        if "configMapRef" not in source:
+            raise AssertionError(f"{SERVER} takes its environment from {source}: the test "
+                                 "cannot tell which settings that sets (use secretKeyRef)")
+        data = find(docs, "ConfigMap", source["configMapRef"]["name"]).get("data", {})
+        env.update({source.get("prefix", "") + k: str(v) for k, v in data.items()})
+    for var in container.get("env", []):
+        name, value_from = var["name"], var.get("valueFrom")
+        if value_from is None:
+            env[name] = str(var.get("value", ""))
+        elif "configMapKeyRef" in value_from:
+            ref = value_from["configMapKeyRef"]
+            env[name] = str(find(docs, "ConfigMap", ref["name"])["data"][ref["key"]])
+        elif "secretKeyRef" in value_from:
+            ref = value_from["secretKeyRef"]
+            secrets[name] = f"{ref['name']}/{ref['key']}"
+            env.pop(name, None)
+        elif name.startswith("PREFECT_"):
+            raise AssertionError(f"{name} comes from {value_from}: teach this test its value")
+    return ManifestServer(env, secrets, [*container.get("command", []), *container.get("args", [])])
+
+
+def local_env(manifest: ManifestServer, *, database_url: str, redis: RedisServer,
+              home: Path, port: int) -> dict[str, str]:
+    """The manifests' settings with only addresses and secrets replaced by local ones.
+
+    Fails (rather than guessing) on a secret or an address it does not know how
+    to replace, so the test keeps running what the manifests deploy.
+    """
+    unknown = set(manifest.secret_env) - LOCAL_SECRETS
+    assert not unknown, f"the manifests take {sorted(unknown)} from Secrets: give them " \
+                        "local values in LOCAL_SECRETS / local_env"
+    env = dict(manifest.env)
+    redis_host = env.get("PREFECT_REDIS_MESSAGING_HOST")
+    manifest_home = env.get("PREFECT_HOME")
+    api_url = f"http://127.0.0.1:{port}/api"
+    redis_hosts = {k[: -len("_HOST")] for k, v in env.items()
+                   if k.endswith("_HOST") and v == redis_host}
+    for key, value in env.items():
+        if key == "PREFECT_SERVER_API_HOST":
+            env[key] = "127.0.0.1"
+        elif key == "PREFECT_SERVER_API_PORT":
+            env[key] = str(port)
+        elif key in ("PREFECT_API_URL", "PREFECT_UI_API_URL"):
+            env[key] = api_url
+        elif key == "PREFECT_UI_URL":
+            env[key] = api_url.removesuffix("/api")
+        elif key.endswith("_HOST") and value == redis_host:
+            env[key] = redis.host
+        elif key.endswith("_PORT") and key[: -len("_PORT")] in redis_hosts:
+            env[key] = str(redis.port)
+        elif "://" in value and urlsplit(value).hostname == redis_host:
+            env[key] = urlunsplit(urlsplit(value)._replace(netloc=f"{redis.host}:{redis.port}"))
+        elif manifest_home and value.startswith(manifest_home):
+            env[key] = str(home) + value[len(manifest_home):]
+    env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    env["PREFECT_SERVER_API_AUTH_STRING"] = AUTH_STRING
+    for key, value in env.items():  # everything that is an address must now be local
+        host = urlsplit(value).hostname if "://" in value else (
+            value if key.endswith("_HOST") else None)
+        assert host in (None, "127.0.0.1", "localhost"), \
+            f"{key}={value} is an address the test does not point at a local server"
+        assert not PATH_SETTING.search(key) or value.startswith(str(home)), \
+            f"{key}={value} is a path outside PREFECT_HOME: give it a local place"
+    return env
+
+
+def uses_redis_broker(env: dict[str, str]) -> bool:
+    return any(env.get(name) == REDIS_BROKER for name in BROKER_SETTINGS)
+
+
+def start_server(server: PrefectServer) -> PrefectServer:
+    """Start the server; run the migrations first where the manifests turn them off at start."""
+    if server.env().get("PREFECT_API_DATABASE_MIGRATE_ON_START", "true").lower() == "false":
+        subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                       env=server.env(), check=True, capture_output=True, timeout=300)
+    return server.start()
+
+
+# --- emitting, killing, reading back ------------------------------------------------------
+
+
+@dataclass
+class Trial:
+    """One batch: emitted, accepted, SIGKILL, restart, read back."""
+
+    config: str
+    path: str  # "websocket" or "http"
+    emitted: set[uuid.UUID]
+    reached_redis: set[uuid.UUID] | None  # ids with a dedupe key at the kill; None: no Redis
+    stored: set[uuid.UUID] = field(default_factory=set)
+    sentinel_stored: bool = False
+    waited: float = 0.0
+
+    def line(self) -> str:
+        reached = "" if self.reached_redis is None else \
+            f", {len(self.reached_redis)} had reached Redis"
+        return (f"{self.config} / {self.path}: {len(self.emitted)} accepted{reached}, "
+                f"{len(self.stored)} stored after restart "
+                f"({len(self.emitted) - len(self.stored)} lost; waited {self.waited:.0f} s)")
+
+
+def make_events(tag: str, count: int) -> list[Event]:
+    now = datetime.now(UTC)
+    return [Event(id=uuid.uuid5(NAMESPACE, f"{tag}/{i}"), occurred=now,
+                  event="taxi.test.server-kill",
+                  resource={"prefect.resource.id": f"taxi.test.server-kill.{tag}.{i}"})
+            for i in range(count)]
+
+
+def auth_header() -> dict[str, str]:
+    """Basic auth the way Prefect's clients send PREFECT_API_AUTH_STRING."""
+    return {"Authorization": "Basic " + base64.b64encode(AUTH_STRING.encode()).decode()}
+
+
+async def post_events(api_url: str, events: list[Event]) -> None:
+    """`POST /api/events` in batches; each 204 means the server accepted the batch."""
+    async with httpx.AsyncClient(base_url=api_url, headers=auth_header(), timeout=60) as http:
+        for start in range(0, len(events), POST_BATCH):
+            batch = events[start : start + POST_BATCH]
+            response = await http.post("/events", json=[e.model_dump(mode="json") for e in batch])
+            assert response.status_code == 204, response.text
+
+
+async def _accept_then_kill(server: PrefectServer, events: list[Event], path: str) -> None:
+    if path == "http":
+        await post_events(server.api_url, events)
+        server.kill()
+        return
+    # The last emit waits for a checkpoint (ping/pong): every event has reached the server.
+    client = get_events_client(checkpoint_every=len(events))
+    await client.__aenter__()
+    try:
+        for event in events:
+            await client.emit(event)
+        server.kill()  # no sleep: right after the pong
+    finally:
+        with contextlib.suppress(Exception):  # the peer is gone; nothing is resent
+            await asyncio.wait_for(client.__aexit__(None, None, None), 10)
+
+
+async def _read_back(api_url: str, events: list[Event]) -> tuple[set[uuid.UUID], bool, float]:
+    """Poll until all are stored, or the restarted persister is demonstrably done, or deadline."""
+    sentinel = make_events(f"sentinel-{uuid.uuid4()}", 1)
+    await post_events(api_url, sentinel)
+    start = time.monotonic()
+    found: set[uuid.UUID] = set()
+    sentinel_stored = False
+    last_change = start
+    async with EventDelivery() as delivery:
+        while True:
+            now_found = await delivery.stored(events)
+            sentinel_stored = sentinel_stored or bool(await delivery.stored(sentinel))
+            now = time.monotonic()
+            if now_found != found:
+                found, last_change = now_found, now
+            if len(found) == len(events) and sentinel_stored:
+                break
+            if sentinel_stored and now - last_change >= SETTLE_SECONDS and now - start >= MIN_WAIT:
+                break
+            if now - start >= STORE_DEADLINE:
+                break
+            await asyncio.sleep(1)
+    return found, sentinel_stored, time.monotonic() - start
+
+
+def kill_trial(server: PrefectServer, redis: RedisServer | None, config: str, path: str,
+               count: int = EVENTS_PER_TRIAL) -> Trial:
+    """Emit `count` events, SIGKILL the server once they are accepted, restart, read back."""
+    events = make_events(f"{config}/{path}/{uuid.uuid4()}", count)
+    asyncio.run(_accept_then_kill(server, events, path))
+    reached = None
+    if redis is not None:
+        with contextlib.closing(redis.client()) as client:
+            exists = client.pipeline()
+            for event in events:
+                exists.exists(DEDUPE_KEY.format(event.id))
+            reached = {e.id for e, hit in zip(events, exists.execute(), strict=True) if hit}
+    start_server(server)
+    trial = Trial(config, path, {e.id for e in events}, reached)
+    trial.stored, trial.sentinel_stored, trial.waited = asyncio.run(
+        _read_back(server.api_url, events))
+    return trial
+
+
+@contextlib.contextmanager
+def as_client_of(server: PrefectServer) -> Iterator[None]:
+    """This process talks to `server` with the auth string, as the bridge and workers do."""
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url,
+                                     PREFECT_API_AUTH_STRING: AUTH_STRING}):
+        yield
+
+
+def check_trial(trial: Trial) -> None:
+    """What holds in every configuration: the restarted server works and invents nothing."""
+    print(trial.line())
+    assert trial.sentinel_stored, f"{trial.config}: the restarted server stored nothing new"
+    assert trial.stored <= trial.emitted
+    if trial.reached_redis is not None:
+        # Whatever the server process held in memory is gone: only events that had
+        # reached Redis can be stored after the restart.
+        assert trial.stored <= trial.reached_redis, trial.line()
+
+
+# --- configurations ------------------------------------------------------------------------
+
+
+@dataclass
+class Backing:
+    database_url: str
+    redis: RedisServer
+    root: Path
+
+
+@contextlib.contextmanager
+def backing_services(root: Path) -> Iterator[Backing]:
+    with postgres_database() as database_url, redis_server() as redis:
+        yield Backing(database_url, redis, root)
+
+
+def production_server(backing: Backing, name: str,
+                      extra: dict[str, str] | None = None) -> PrefectServer:
+    """A server with the manifests' settings (plus `extra`), on the shared database and Redis."""
+    manifest = manifest_server()
+    assert manifest.command == ["prefect", "server", "start"], (
+        f"the manifests run {manifest.command}; this test runs `prefect server start` "
+        "(API and services, the event persister included, in one process)")
+    home = backing.root / name
+    server = PrefectServer(backing.database_url, home)
+    env = local_env(manifest, database_url=backing.database_url, redis=backing.redis,
+                    home=home, port=server.port)
+    server.extra_env = {**env, **(extra or {})}
+    return server
+
+
+def in_memory_server(root: Path) -> PrefectServer:
+    """The local profile's server: SQLite and the in-memory broker (with the same auth)."""
+    home = root / "local-profile"
+    home.mkdir(parents=True, exist_ok=True)
+    return PrefectServer(f"sqlite+aiosqlite:///{home / 'prefect.db'}", home,
+                         extra_env={"PREFECT_SERVER_API_AUTH_STRING": AUTH_STRING})
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backing]:
+    reason = postgres_available() or redis_available()
+    if reason:
+        pytest.skip(reason)
+    if not (OVERLAY / "kustomization.yaml").exists():
+        pytest.skip(f"{OVERLAY} is missing")
+    with backing_services(tmp_path_factory.mktemp("production-server")) as running:
+        yield running
+
+
+@pytest.mark.e2e
+def test_production_configuration_after_sigkill(backing: Backing) -> None:
+    """The manifests' server: auth on, Redis in use, what survives a SIGKILL after acceptance."""
+    server = production_server(backing, "production")
+    assert uses_redis_broker(server.extra_env), "the manifests do not configure the Redis broker"
+    start_server(server)
+    try:
+        # Probes and health stay open; the API needs the auth string.
+        for path in ("/health", "/ready"):
+            assert httpx.get(server.api_url + path, timeout=10).status_code == 200, path
+        filter_url = server.api_url + "/events/filter"
+        assert httpx.post(filter_url, json={}, timeout=10).status_code == 401
+        assert httpx.post(filter_url, json={}, headers=auth_header(), timeout=30).status_code \
+            == 200
+        with as_client_of(server):
+            # The bridge's path (websocket emit, read back by id) works with auth on...
+            warmup = make_events("warmup", 1)
+
+            async def deliver() -> set[uuid.UUID]:
+                async with EventDelivery() as delivery:
+                    return await delivery.deliver(warmup, timeout=STORE_DEADLINE)
+
+            assert asyncio.run(deliver()) == {warmup[0].id}
+            # ...and the event went through Redis: stream, persister group, dedupe key.
+            with contextlib.closing(backing.redis.client()) as client:
+                groups = {g["name"].decode(): g for g in client.xinfo_groups("events")}
+                assert groups["event-persister"]["entries-read"] >= 1, groups
+                assert client.exists(DEDUPE_KEY.format(warmup[0].id))
+
+            websocket = kill_trial(server, backing.redis, "production (k8s)", "websocket")
+            http = kill_trial(server, backing.redis, "production (k8s)", "http")
+    finally:
+        server.stop()
+    check_trial(websocket)
+    check_trial(http)
+    # A 204 from POST /api/events means the events are in the Redis stream.
+    assert http.reached_redis == http.emitted, http.line()
+    if server.extra_env.get(PERSISTER_BATCH) == "1":
+        # Each event is written to PostgreSQL before Redis forgets it.
+        assert http.stored == http.emitted, http.line()
+
+
+@pytest.mark.e2e
+def test_persister_batch_of_one_keeps_every_http_accepted_event(backing: Backing) -> None:
+    """The manifests plus PERSISTER_BATCH=1: every event a 204 accepted survives a SIGKILL."""
+    if manifest_server().env.get(PERSISTER_BATCH) == "1":
+        pytest.skip(f"the manifests set {PERSISTER_BATCH}=1: asserted by the production test")
+    server = start_server(production_server(backing, "persister-batch-1", {PERSISTER_BATCH: "1"}))
+    try:
+        with as_client_of(server):
+            http = kill_trial(server, backing.redis, "production + persister batch 1", "http")
+    finally:
+        server.stop()
+    check_trial(http)
+    assert http.reached_redis == http.emitted, http.line()
+    assert http.stored == http.emitted, http.line()
+
+
+@pytest.mark.e2e
+def test_in_memory_broker_for_comparison(tmp_path: Path) -> None:
+    """The local profile's server (SQLite, in-memory broker): the figures Redis is compared with."""
+    server = start_server(in_memory_server(tmp_path))
+    try:
+        with as_client_of(server):
+            trials = [kill_trial(server, None, "local profile (in-memory)", path)
+                      for path in ("websocket", "http")]
+    finally:
+        server.stop()
+    for trial in trials:
+        check_trial(trial)
+
+
+# --- figures for the README ---------------------------------------------------------------
+
+
+def measure(runs: int, root: Path) -> list[Trial]:
+    """Every configuration and path, `runs` times; one line per trial as it comes."""
+    trials: list[Trial] = []
+
+    def run(server: PrefectServer, redis: RedisServer | None, config: str) -> None:
+        start_server(server)
+        try:
+            with as_client_of(server):
+                for index in range(runs):
+                    for path in ("websocket", "http"):
+                        trial = kill_trial(server, redis, config, path)
+                        print(f"run {index + 1}: {trial.line()}", flush=True)
+                        trials.append(trial)
+        finally:
+            server.stop()
+
+    with backing_services(root) as backing:
+        run(production_server(backing, "production"), backing.redis, "production (k8s)")
+        run(production_server(backing, "batch-1", {PERSISTER_BATCH: "1"}), backing.redis,
+            "production + persister batch 1")
+    run(in_memory_server(root), None, "local profile (in-memory)")
+    return trials
+
+
+def _summary(trials: list[Trial]) -> list[str]:
+    rows: dict[tuple[str, str], list[Trial]] = {}
+    for trial in trials:
+        rows.setdefault((trial.config, trial.path), []).append(trial)
+    lines = []
+    for (config, path), group in rows.items():
+        stored = ", ".join(f"{len(t.stored)}/{len(t.emitted)}" for t in group)
+        lines.append(f"{config:32} {path:9} stored after SIGKILL + restart: {stored}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="taxi-prod-server-") as tmp:
+        trials = measure(args.runs, Path(tmp))
+    print("\n".join(_summary(trials)))
+
+
+if __name__ == "__main__":
+    main()
+
