@@ -65,6 +65,41 @@ def test_request_round_trip() -> None:
         b"/tmp/d", [b"--x", b""], env)
 
 
+FINGERPRINT_PROBE = """
+import json, os, sys
+from pathlib import Path
+from prefect.settings import get_current_settings
+from taxi_pipeline.warm_runs import current_settings_fingerprint, settings_fingerprint
+
+server, profiles = current_settings_fingerprint()
+# What a process worker with this environment hands its run (EngineCommandStarter).
+run_env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT__FLOW_RUN_ID": "00000000-0000-0000-0000-000000000000",
+           "PREFECT__CONTROL_PORT": "1", "PREFECT__CONTROL_TOKEN": "t"}
+run_dir = Path(sys.argv[1])
+same = settings_fingerprint(str(run_dir), run_env, profiles) == server
+other_api = settings_fingerprint(
+    str(run_dir), {**run_env, "PREFECT_API_URL": "http://elsewhere/api"}, profiles) == server
+(run_dir / ".env").write_text("PREFECT_LOGGING_LEVEL=DEBUG\\n")
+dotenv = settings_fingerprint(str(run_dir), run_env, profiles) == server
+print(json.dumps([same, other_api, dotenv]))
+"""
+
+
+def test_runs_keep_the_servers_settings_only_when_their_inputs_match(tmp_path: Path) -> None:
+    """A run started by a worker with the fork server's environment may keep its settings
+    (the fast path); another API URL, or a `.env` in the run's directory, may not."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PREFECT_API_URL":
+           "http://127.0.0.1:9/api", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    result = subprocess.run([sys.executable, "-c", FINGERPRINT_PROBE, str(run_dir)], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [True, False, False]
+
+
 def test_launcher_imports_only_a_few_stdlib_modules() -> None:
     """The launcher runs once per flow run: no Prefect, no pydantic, not even `socket`."""
     argv = shlex.split(launcher_command(Path("/nonexistent.sock")))
@@ -213,6 +248,7 @@ def test_runs_execute_in_fork_server_children_with_the_runs_settings(stack: Warm
         assert seen["marker"] == "worker"
         assert seen["cwd"] != str(TESTS_DIR) and seen["cwd"].endswith("prefect")  # worker's tmp
     assert len({seen["pid"] for seen in records}) == len(records)
+    assert stack.log("fork-server").count("with its own Prefect settings") >= len(records)
     # Completed is reported before the process finishes its shutdown: give it a moment.
     wait_for(lambda: all(gone(seen["pid"]) for seen in records), 30, "the runs' processes")
 

@@ -53,6 +53,10 @@ class WarmStack:
     root: Path
     pool: str = "warm-runs-test"
     max_children: int = 0
+    # False: the fork server gets another API URL and logging level than the worker, so
+    # children must rebuild Prefect's settings. True: the worker's environment, as in
+    # the local stack, so children keep the server's (the fast path).
+    server_env_like_worker: bool = False
     server: PrefectServer | None = None
     fork_server: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
@@ -92,9 +96,12 @@ class WarmStack:
         prefect_home = self.root / "prefect"
         self.server = PrefectServer(f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
                                     prefect_home).start()
-        self.start_fork_server(self.run_env(PREFECT_API_URL=UNREACHABLE_API,
-                                            PREFECT_LOGGING_LEVEL=SERVER_LOGGING_LEVEL,
-                                            WARM_RUNS_MARKER="fork-server"))
+        if self.server_env_like_worker:
+            self.start_fork_server(self.run_env(PREFECT_WORKER_QUERY_SECONDS="1"))
+        else:
+            self.start_fork_server(self.run_env(PREFECT_API_URL=UNREACHABLE_API,
+                                                PREFECT_LOGGING_LEVEL=SERVER_LOGGING_LEVEL,
+                                                WARM_RUNS_MARKER="fork-server"))
         with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
             self._register()
         self.worker = self._spawn(
