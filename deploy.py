@@ -8,17 +8,22 @@ the installed package on a process worker and from the image on Kubernetes.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import Flow
+from prefect.schedules import Cron, Interval, Schedule
 from prefect.types.entrypoint import EntrypointType
 
 from automations.apply import apply_automations
@@ -33,30 +38,101 @@ from taxi_pipeline.settings import Settings, get_settings
 log = logging.getLogger("deploy")
 
 
+BASE_JOB_TEMPLATE = Path(__file__).resolve().parent / "k8s" / "work-pool" / "base-job-template.json"
+
+# Per-flow resources of flow-run pods on the kubernetes pool; flows not named here
+# get the base job template's defaults. The transform holds one row group plus one
+# batch in memory (381 MiB peak for a 3M-row month) and stages its output in /tmp
+# before the upload; the load only starts BigQuery jobs (no row data passes through).
+KUBERNETES_JOB_VARIABLES: dict[str, dict[str, Any]] = {
+    "transform": {"cpu_request": "1", "cpu_limit": "2", "memory_request": "2Gi",
+                  "memory_limit": "2Gi", "ephemeral_storage_request": "2Gi",
+                  "ephemeral_storage_limit": "4Gi"},
+    "load": {"cpu_request": "250m", "cpu_limit": "500m", "memory_request": "768Mi",
+             "memory_limit": "768Mi", "ephemeral_storage_request": "256Mi",
+             "ephemeral_storage_limit": "512Mi"},
+}
+
+# One load at a time: each load MERGEs into the same BigQuery table, and concurrent
+# mutating DML on one table conflicts (serialization errors) or queues at BigQuery.
+# Extra runs wait for the slot (ENQUEUE). The grace period covers a pod waiting for
+# a new node (GKE Autopilot), so a slow start does not free the slot for a second load.
+KUBERNETES_CONCURRENCY: dict[str, ConcurrencyLimitConfig] = {
+    "load": ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE,
+                                   grace_period_seconds=900),
+}
+
+# Interval schedules count from this instant, the same on every deploy.
+INTERVAL_ANCHOR = datetime(2026, 1, 1, tzinfo=UTC)
+
+
 def pool_type(settings: Settings) -> str:
     return "kubernetes" if settings.profile == "gcp" else "process"
 
 
-async def ensure_work_pool(settings: Settings) -> None:
+def kubernetes_base_job_template(path: Path = BASE_JOB_TEMPLATE) -> dict[str, Any]:
+    """The kubernetes pool's base job template, kept in the repo beside the manifests."""
+    if not path.is_file():
+        raise RuntimeError(f"base job template {path} not found: run `python -m deploy` from a "
+                           "checkout of the repository (it reads k8s/work-pool/).")
+    return cast(dict[str, Any], json.loads(path.read_text()))
+
+
+def base_job_template(settings: Settings) -> dict[str, Any] | None:
+    """The template the pool must have; None leaves Prefect's default (process pool)."""
+    return kubernetes_base_job_template() if pool_type(settings) == "kubernetes" else None
+
+
+async def ensure_work_pool(settings: Settings) -> str:
+    """Create the pool, or bring its base job template up to date; says which it did."""
+    template = base_job_template(settings)
     async with get_client() as client:
         try:
             pool = await client.read_work_pool(settings.work_pool)
         except ObjectNotFound:
             await client.create_work_pool(
-                WorkPoolCreate(name=settings.work_pool, type=pool_type(settings))
+                WorkPoolCreate(name=settings.work_pool, type=pool_type(settings),
+                               base_job_template=template or {})
             )
             log.info("created %s work pool %r", pool_type(settings), settings.work_pool)
-            return
+            return "created"
         if pool.type != pool_type(settings):
             raise RuntimeError(
                 f"work pool {settings.work_pool!r} is of type {pool.type!r}, but profile "
                 f"{settings.profile!r} needs {pool_type(settings)!r}: set TAXI_WORK_POOL to "
                 "another name or delete that pool."
             )
+        if template is None or pool.base_job_template == template:
+            log.info("work pool %r unchanged", settings.work_pool)
+            return "unchanged"
+        await client.update_work_pool(settings.work_pool,
+                                      WorkPoolUpdate(base_job_template=template))
+        log.info("updated the base job template of work pool %r", settings.work_pool)
+        return "updated"
+
+
+def deployment_schedule(cron: str | None, interval: timedelta | None) -> Schedule | None:
+    """The deployment's one schedule, the same object on every deploy: a slug (the server
+    then updates it in place, keeping its id and its scheduled runs, instead of replacing
+    it) and, for an interval, a fixed anchor (`interval=` alone anchors at "now")."""
+    if cron:
+        return Cron(cron, slug="cron")
+    if interval:
+        return Interval(interval, anchor_date=INTERVAL_ANCHOR, slug="interval")
+    return None
 
 
 def register(flow: Flow[Any, Any], name: str, settings: Settings, cron: str | None = None,
-             interval: timedelta | None = None) -> UUID:
+             interval: timedelta | None = None, job_variables: dict[str, Any] | None = None,
+             concurrency_limit: int | ConcurrencyLimitConfig | None = None) -> UUID:
+    """Create or update one deployment. On the kubernetes pool, job_variables and
+    concurrency_limit default to the flow's entries in KUBERNETES_JOB_VARIABLES and
+    KUBERNETES_CONCURRENCY."""
+    if pool_type(settings) == "kubernetes":
+        if job_variables is None:
+            job_variables = dict(KUBERNETES_JOB_VARIABLES.get(flow.name, {}))
+        if concurrency_limit is None:
+            concurrency_limit = KUBERNETES_CONCURRENCY.get(flow.name)
     # to_deployment/apply dispatch to their async twins inside an event loop; here
     # (plain sync code) they return the values.
     deployment = cast(RunnerDeployment, flow.to_deployment(
@@ -65,8 +141,9 @@ def register(flow: Flow[Any, Any], name: str, settings: Settings, cron: str | No
         entrypoint_type=EntrypointType.MODULE_PATH,
         description=(flow.description or "").strip().splitlines()[0] if flow.description else None,
         tags=["taxi-pipeline"],
-        cron=cron,
-        interval=interval,
+        schedule=deployment_schedule(cron, interval),
+        job_variables=job_variables,
+        concurrency_limit=concurrency_limit,
     ))
     image = settings.image or None
     if pool_type(settings) == "kubernetes" and not image:
@@ -116,6 +193,23 @@ def deploy(settings: Settings | None = None) -> dict[str, UUID]:
     return ids
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy",
+        description="Register the deployments, the work pool and the automations.")
+    parser.add_argument("--image", help="flow-run image of the kubernetes pool (gcp profile), "
+                        "e.g. REGION-docker.pkg.dev/PROJECT/REPO/taxi-pipeline@sha256:...; "
+                        "default: TAXI_IMAGE")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    if args.image:
+        settings = settings.model_copy(update={"image": args.image})
+    deploy(settings)
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    deploy()
+    # Importing the flows already gave the root logger Prefect's console handler (so
+    # basicConfig did nothing) at level WARNING: let this module's INFO lines through.
+    log.setLevel(logging.INFO)
+    main()
