@@ -7,6 +7,7 @@ scripts/bootstrap.sh
 # Test stack: fake-gcs-server and the BigQuery emulator (own venv); PostgreSQL for
 # the Prefect server of the integration tests. The Pub/Sub emulator ships with gcloud.
 scripts/install-emulators.sh
+scripts/install-linters.sh
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
