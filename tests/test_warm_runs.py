@@ -120,7 +120,7 @@ def test_launcher_imports_only_a_few_stdlib_modules() -> None:
     assert cpu < 0.1, f"launcher start-up used {cpu * 1000:.0f} ms of CPU"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """A fork server with two children at most and no Prefect server anywhere."""
     root = tmp_path_factory.mktemp("bare")
