@@ -7,12 +7,13 @@ mostly interpreter start-up. Here one long-lived process imports Prefect, the
 engine and the flow modules once (`serve`), and the work pool's `command` is a
 tiny stdlib-only launcher (`warm_runs_launch.py`) that asks this server to
 fork a child for the run. The child takes over the launcher's environment,
-working directory and stdio, refreshes Prefect's settings and logging from
-that environment, runs exactly the `__main__` block of `prefect.engine` (via
-`runpy`, so it is Prefect's own code), and exits with its exit code, which the
-server reports back to the launcher, which exits with it. Signals the worker
-sends to the launcher (cancellation) are forwarded to the child; a launcher
-that dies takes its child with it, and so does the server (PR_SET_PDEATHSIG).
+working directory and stdio, rebuilds Prefect's settings and logging from that
+environment when they differ from the server's, executes `prefect/engine.py`
+as `__main__` (so Prefect's own entry point runs, not a copy of it), and exits
+with its exit code, which the server reports back to the launcher, which exits
+with it. Signals the worker sends to the launcher (cancellation) are forwarded
+to the child; a launcher that dies takes its child with it, and so does the
+server (PR_SET_PDEATHSIG).
 
 Fork safety: the server never starts a thread or an event loop; it checks
 that before each fork and sends the launcher back to a cold start otherwise.
