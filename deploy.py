@@ -62,6 +62,11 @@ KUBERNETES_CONCURRENCY: dict[str, ConcurrencyLimitConfig] = {
                                    grace_period_seconds=900),
 }
 
+# A reconcile that starts while another still runs (late runs on a busy machine
+# start back to back) would re-emit the same objects twice: it is cancelled instead.
+ONE_RECONCILE_AT_A_TIME = ConcurrencyLimitConfig(
+    limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+
 # Interval schedules count from this instant, the same on every deploy.
 INTERVAL_ANCHOR = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -182,7 +187,8 @@ def deploy(settings: Settings | None = None) -> dict[str, UUID]:
         "transform": register(transform, settings.transform_deployment, settings),
         "load": register(load, settings.load_deployment, settings),
         "reconcile": register(reconcile, "scheduled", settings,
-                              interval=timedelta(minutes=settings.reconcile_every_minutes)),
+                              interval=timedelta(minutes=settings.reconcile_every_minutes),
+                              concurrency_limit=ONE_RECONCILE_AT_A_TIME),
         "recover": register(recover, "recover", settings),
     }
     automations = pipeline_automations(ids["transform"], ids["load"], ids["recover"],

@@ -32,6 +32,7 @@ from taxi_pipeline.settings import Settings
 log = logging.getLogger(__name__)
 
 BATCH = 500
+CONSUME_PERMISSION = "pubsub.subscriptions.consume"
 CONFIRM_EVERY = 0.5
 
 
@@ -77,14 +78,34 @@ class PubSubSource:
     def _on_message(self, message: Message) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, message)
 
-    def start(self) -> None:
+    def can_consume(self, timeout: float = 30) -> None:
+        """Raise unless this identity may pull from the subscription.
+
+        `testIamPermissions` needs no permission of its own, so the bridge's
+        service account needs only roles/pubsub.subscriber on its subscription
+        (`get_subscription` would need pubsub.subscriptions.get, which that role
+        lacks). The emulator has no IAM; there the subscription is read instead.
+        """
         try:
-            self.client.get_subscription(subscription=self.path)
-        except gexc.NotFound:
+            granted = self.client.test_iam_permissions(
+                request={"resource": self.path, "permissions": [CONSUME_PERMISSION]},
+                timeout=timeout).permissions
+        except gexc.MethodNotImplemented:
+            try:
+                self.client.get_subscription(subscription=self.path, timeout=timeout)
+            except gexc.NotFound:
+                raise RuntimeError(
+                    f"subscription {self.path} does not exist: run `taxi-pipeline gcp setup` "
+                    "(or create it with gcloud, see the README)") from None
+            return
+        if CONSUME_PERMISSION not in granted:
             raise RuntimeError(
-                f"subscription {self.path} does not exist: run `taxi-pipeline gcp setup` "
-                "(or create it with gcloud, see the README)"
-            ) from None
+                f"cannot pull from {self.path}: it does not exist, or this identity lacks "
+                "roles/pubsub.subscriber on it. Run `taxi-pipeline gcp setup` and grant the "
+                "bridge's service account that role on the subscription (see k8s/README.md).")
+
+    def start(self) -> None:
+        self.can_consume()
         flow_control = pubsub_v1.types.FlowControl(
             max_messages=self.settings.pubsub_max_messages,
             max_bytes=self.settings.pubsub_max_bytes,
@@ -99,10 +120,10 @@ class PubSubSource:
                  self.settings.pubsub_max_messages, self.settings.pubsub_max_bytes)
 
     def check(self) -> None:
-        """Raise if the streaming pull died; cheap call for the health loop."""
+        """Raise if the streaming pull died or Pub/Sub does not answer (health loop)."""
         if self.future is not None and self.future.done():
             raise RuntimeError(f"streaming pull stopped: {self.future.exception()}")
-        self.client.get_subscription(subscription=self.path, timeout=10)
+        self.can_consume(timeout=10)
 
     async def take(self, limit: int, wait: float) -> list[Message]:
         batch: list[Message] = []

@@ -158,6 +158,10 @@ class LocalStack:
         if self.settings.prefect_database == "postgres":
             self.database = EmbeddedPostgres(prefect_home / "postgres")
             database_url = self.database.start()
+            # The default pool (5 + 10 overflow) runs dry under a burst of runs and
+            # events ("QueuePool limit ... reached" -> 500s); PostgreSQL allows 100.
+            self.env.setdefault("PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE", "20")
+            self.env.setdefault("PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW", "30")
         else:
             database_url = sqlite_url(prefect_home)
         self.env.update(

@@ -164,6 +164,48 @@ def why_in_flight(latest: list[Event], older_than: timedelta, now: datetime,
     return None
 
 
+# Flow runs in these states will still do their object's work.
+_ACTIVE_STATES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
+_RUNS_PAGE = 200
+
+
+async def active_objects(flows: list[str]) -> set[str]:
+    """Object URIs of the runs of `flows` that are queued or running.
+
+    Under a burst an object's run can wait minutes for a worker slot without any
+    event: its queued run, not its event history, says it is on its way.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    found: set[str] = set()
+    async with get_client() as client:
+        offset = 0
+        while True:
+            runs = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=flows)),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType(s) for s in _ACTIVE_STATES]))),
+                limit=_RUNS_PAGE, offset=offset)
+            stale = datetime.now(UTC) - RUNNING_GRACE
+            # A run Running for longer than RUNNING_GRACE lost its process (a killed
+            # worker never reports it): it no longer counts as on its way.
+            found.update(str(r.parameters["object_uri"]) for r in runs
+                         if r.parameters.get("object_uri") and not (
+                             r.state_type == StateType.RUNNING and r.start_time is not None
+                             and r.start_time < stale))
+            if len(runs) < _RUNS_PAGE:
+                return found
+            offset += _RUNS_PAGE
+
+
 async def reconcile(settings: Settings, older_than: timedelta, dry_run: bool,
                     confirm_timeout: float = 60.0) -> ReconcileReport:
     """One pass: find stalled objects, skip those in flight, re-emit the rest (confirmed)."""
@@ -179,11 +221,14 @@ async def reconcile(settings: Settings, older_than: timedelta, dry_run: bool,
             latest = await latest_events(delivery, uris, now - max(older_than, RUNNING_GRACE))
             gave_up = await latest_events(delivery, uris, now - EXHAUSTED_WINDOW,
                                           [events.RECOVERY_EXHAUSTED])
+            queued = await active_objects(["transform", "load"])
             for item in report.stalled:
                 pair = (item.obj.uri, _processed_uri(item.obj, settings))
                 why = why_in_flight([latest[u] for u in pair if u in latest], older_than, now,
                                     [gave_up[u] for u in pair if u in gave_up],
                                     item.obj.updated)
+                if why is None and queued.intersection(pair):
+                    why = "a transform or load run for it is queued or running"
                 if why:
                     report.in_flight.append((item, why))
         if dry_run or not report.to_emit:

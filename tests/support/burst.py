@@ -1,0 +1,91 @@
+"""A burst of small TLC files dropped at once, for the burst test and the burst benchmark.
+
+Files span both datasets and many months (distinct objects, as a backfill lands
+them); each is a few hundred rows with the usual dirt, so the expected good
+rows per file are known. Completion is read from the warehouse's load log, the
+same truth `reconcile` uses.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
+
+
+@dataclass(frozen=True)
+class BurstFile:
+    name: str
+    source: Path
+    expected_good: int
+
+
+def make_burst(count: int, directory: Path, settings: Settings, first_year: int = 2009,
+               rows: int = 300) -> list[BurstFile]:
+    """`count` distinct months (yellow and green alternately), written under `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for index in range(count):
+        dataset = "yellow" if index % 2 == 0 else "green"
+        year, month = first_year + (index // 2) // 12, (index // 2) % 12 + 1
+        sample = generate_month(dataset, year, month, rows, seed=index)
+        source = write_month(sample, directory / f"{dataset}-{year}-{month:02d}.parquet")
+        files.append(BurstFile(raw_object_name(settings.raw_prefix, dataset, year, month),
+                               source, sample.expected_good))
+    return files
+
+
+def drop_all(files: list[BurstFile], settings: Settings) -> float:
+    """Copy every file into the bucket as fast as `cp` would; returns when the drop began."""
+    for item in files:
+        (settings.bucket_dir / item.name).parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    for item in files:
+        shutil.copyfile(item.source, settings.bucket_dir / item.name)
+    return started
+
+
+@dataclass(frozen=True)
+class BurstOutcome:
+    loaded: int
+    seconds: float
+    rows_by_uri: dict[str, int]
+    loads_by_uri: dict[str, int]
+
+
+def read_outcome(settings: Settings, started: float) -> BurstOutcome:
+    """Rows and `_loads` entries per source URI, as the warehouse holds them now."""
+    warehouse = DuckDBWarehouse(settings.warehouse_file)
+    if not settings.warehouse_file.exists():
+        return BurstOutcome(0, time.monotonic() - started, {}, {})
+    with warehouse.connect(read_only=True) as con:
+        tables = {r[0] for r in con.execute(
+            "SELECT table_name FROM information_schema.tables").fetchall()}
+        rows = dict(con.execute(  # type: ignore[arg-type]
+            f"SELECT source_uri, count(*) FROM {settings.table} GROUP BY 1").fetchall()
+        ) if settings.table in tables else {}
+        loads = dict(con.execute(  # type: ignore[arg-type]
+            "SELECT source_uri, count(*) FROM _loads GROUP BY 1").fetchall()
+        ) if "_loads" in tables else {}
+    return BurstOutcome(len(loads), time.monotonic() - started, rows, loads)
+
+
+def wait_all_loaded(files: list[BurstFile], settings: Settings, started: float,
+                    timeout: float, poll: float = 2.0) -> BurstOutcome:
+    """Poll (read-only, briefly, so loads are not locked out) until every file is loaded."""
+    uris = {(settings.bucket_dir / f.name).as_uri() for f in files}
+    deadline = time.monotonic() + timeout
+    outcome = read_outcome(settings, started)
+    while time.monotonic() < deadline:
+        outcome = read_outcome(settings, started)
+        if uris <= outcome.loads_by_uri.keys():
+            return outcome
+        time.sleep(poll)
+    missing = sorted(uris - outcome.loads_by_uri.keys())
+    raise AssertionError(f"{len(missing)} of {len(files)} files not loaded within "
+                         f"{timeout:.0f}s, e.g. {missing[:3]}")
