@@ -85,6 +85,7 @@ EVENTS_PER_TRIAL = 100
 POST_BATCH = 50  # events per POST /api/events, as the bridge batches them
 STORE_DEADLINE = 60.0  # seconds after the restart to wait for the events
 SETTLE_SECONDS = 6.0  # count unchanged this long (> the persister's 5 s flush interval)
+RESEND_WAIT = 15.0  # > the persister's flush interval, far below the 5 min dedupe TTL
 MIN_WAIT = 12.0  # > the 5 s idle time after which a restarted consumer re-claims messages
 PATH_SETTING = re.compile(r"_(HOME|PATH|DIR|DIRECTORY|FILE)$")
 NAMESPACE = uuid.UUID("0b5f3d2a-6a43-4f4e-9d52-3c1f5b8e7a10")
@@ -204,14 +205,24 @@ class Trial:
     reached_redis: set[uuid.UUID] | None  # ids with a dedupe key at the kill; None: no Redis
     stored: set[uuid.UUID] = field(default_factory=set)
     sentinel_stored: bool = False
+    restart_seconds: float = 0.0
     waited: float = 0.0
+    events: list[Event] = field(default_factory=list, repr=False)
+    resent_stored: int | None = None  # of the lost ones, stored after re-emitting them
+
+    @property
+    def lost(self) -> list[Event]:
+        return [e for e in self.events if e.id not in self.stored]
 
     def line(self) -> str:
         reached = "" if self.reached_redis is None else \
             f", {len(self.reached_redis)} had reached Redis"
+        resent = "" if self.resent_stored is None else \
+            f"; re-emitted, same ids: {self.resent_stored} stored in {RESEND_WAIT:.0f} s"
         return (f"{self.config} / {self.path}: {len(self.emitted)} accepted{reached}, "
                 f"{len(self.stored)} stored after restart "
-                f"({len(self.emitted) - len(self.stored)} lost; waited {self.waited:.0f} s)")
+                f"({len(self.emitted) - len(self.stored)} lost; "
+                f"restart {self.restart_seconds:.0f} s, read back {self.waited:.0f} s{resent})")
 
 
 def make_events(tag: str, count: int) -> list[Event]:
@@ -290,8 +301,10 @@ def kill_trial(server: PrefectServer, redis: RedisServer | None, config: str, pa
             for event in events:
                 exists.exists(DEDUPE_KEY.format(event.id))
             reached = {e.id for e, hit in zip(events, exists.execute(), strict=True) if hit}
+    started = time.monotonic()
     start_server(server)
-    trial = Trial(config, path, {e.id for e in events}, reached)
+    trial = Trial(config, path, {e.id for e in events}, reached,
+                  restart_seconds=time.monotonic() - started, events=events)
     trial.stored, trial.sentinel_stored, trial.waited = asyncio.run(
         _read_back(server.api_url, events))
     return trial
@@ -427,24 +440,10 @@ def test_persister_batch_of_one_keeps_every_http_accepted_event(backing: Backing
     assert http.stored == http.emitted, http.line()
 
 
-@pytest.mark.e2e
-def test_in_memory_broker_for_comparison(tmp_path: Path) -> None:
-    """The local profile's server (SQLite, in-memory broker): the figures Redis is compared with."""
-    server = start_server(in_memory_server(tmp_path))
-    try:
-        with as_client_of(server):
-            trials = [kill_trial(server, None, "local profile (in-memory)", path)
-                      for path in ("websocket", "http")]
-    finally:
-        server.stop()
-    for trial in trials:
-        check_trial(trial)
-
-
 # --- figures for the README ---------------------------------------------------------------
 
 
-def measure(runs: int, root: Path) -> list[Trial]:
+def measure(runs: int, root: Path, resend: bool = True) -> list[Trial]:
     """Every configuration and path, `runs` times; one line per trial as it comes."""
     trials: list[Trial] = []
 
@@ -455,6 +454,8 @@ def measure(runs: int, root: Path) -> list[Trial]:
                 for index in range(runs):
                     for path in ("websocket", "http"):
                         trial = kill_trial(server, redis, config, path)
+                        if resend:
+                            resend_lost(server, trial)
                         print(f"run {index + 1}: {trial.line()}", flush=True)
                         trials.append(trial)
         finally:
@@ -466,6 +467,21 @@ def measure(runs: int, root: Path) -> list[Trial]:
             "production + persister batch 1")
     run(in_memory_server(root), None, "local profile (in-memory)")
     return trials
+
+
+def resend_lost(server: PrefectServer, trial: Trial) -> None:
+    """Re-emit the lost events with their ids, as the bridge does; count what gets stored."""
+    lost = trial.lost
+    if not lost:
+        return
+
+    async def resend() -> int:
+        await post_events(server.api_url, lost)
+        await asyncio.sleep(RESEND_WAIT)
+        async with EventDelivery() as delivery:
+            return len(await delivery.stored(lost))
+
+    trial.resent_stored = asyncio.run(resend())
 
 
 def _summary(trials: list[Trial]) -> list[str]:
