@@ -112,6 +112,15 @@ def _log(message: str) -> None:
     print(f"{stamp} | warm-runs: {message}", file=sys.stderr, flush=True)
 
 
+def _native_threads() -> list[str]:
+    """Names of this process's OS threads, the main one first (Linux; [] elsewhere)."""
+    try:
+        tasks = sorted(os.listdir("/proc/self/task"), key=lambda tid: tid != str(os.getpid()))
+        return [Path("/proc/self/task", tid, "comm").read_text().strip() for tid in tasks]
+    except OSError:
+        return []
+
+
 def _exit_code(code: object) -> int:
     """The process exit status `raise SystemExit(code)` gives a normal interpreter."""
     if code is None:
@@ -186,6 +195,12 @@ class ForkServer:
         if threading.active_count() != 1:
             raise RuntimeError("preloading started threads, so forking would be unsafe: "
                                f"{[t.name for t in threading.enumerate()]}")
+        # Native libraries may start threads of their own (numpy's OpenBLAS pool, pyarrow's
+        # jemalloc purger); they hold no Python state and register pthread_atfork handlers
+        # (multiprocessing's fork start method relies on that too). Say which ones run.
+        native = _native_threads()
+        if len(native) > 1:
+            _log(f"native threads besides the main one: {', '.join(native[1:])}")
         # Objects that exist now live as long as the server: keep the collector off them,
         # so children neither scan nor copy-on-write their pages.
         gc.collect()

@@ -246,6 +246,7 @@ def test_runs_execute_in_fork_server_children_with_the_runs_settings(stack: Warm
         assert seen["logging_level"] == RUN_LOGGING_LEVEL
         assert seen["prefect_logger_level"] == RUN_LOGGING_LEVEL
         assert seen["marker"] == "worker"
+        assert (seen["arrow_last"], seen["duckdb_count"]) == (99_999, 100_000)  # after fork
         assert seen["cwd"] != str(TESTS_DIR) and seen["cwd"].endswith("prefect")  # worker's tmp
     assert len({seen["pid"] for seen in records}) == len(records)
     assert stack.log("fork-server").count("with its own Prefect settings") >= len(records)
