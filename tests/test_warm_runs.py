@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -162,6 +163,42 @@ def test_launcher_runs_the_engine_in_a_forked_child(bare_server: tuple[Path, Pat
     log = log_path.read_text()
     assert log.count("runs flow run not-a-flow-run-id") >= 5
     assert log.count("exited with 1") >= 5
+
+
+def test_signals_reach_running_and_queued_runs(bare_server: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    """Two runs hang on an API that never answers (the server allows two); a third waits.
+
+    SIGTERM to the waiting launcher ends it as if killed by SIGTERM, without a run;
+    SIGTERM to a running one is forwarded (the engine is not yet in its flow, so it
+    dies of it, as a cold engine would); SIGKILL of a launcher kills its run.
+    """
+    socket_path, log_path = bare_server
+    with socket.socket() as silent_api:
+        silent_api.bind(("127.0.0.1", 0))
+        silent_api.listen(16)  # accepts connections (backlog), never answers
+        env = {**os.environ,
+               "PREFECT_API_URL": f"http://127.0.0.1:{silent_api.getsockname()[1]}/api",
+               "PREFECT__FLOW_RUN_ID": "00000000-0000-4000-8000-000000000000"}
+        running = [run_launcher(socket_path, env, tmp_path) for _ in range(2)]
+        wait_for(lambda: log_path.read_text().count("runs flow run 00000000") == 2, 60,
+                 "two forked runs")
+        children = [int(pid) for pid in re.findall(r"pid (\d+) runs flow run 00000000",
+                                                   log_path.read_text())]
+        queued = run_launcher(socket_path, env, tmp_path)
+        time.sleep(1)
+        assert queued.poll() is None
+        queued.send_signal(signal.SIGTERM)
+        assert queued.wait(timeout=10) == -signal.SIGTERM
+        assert log_path.read_text().count("runs flow run 00000000") == 2  # never started
+
+        running[0].send_signal(signal.SIGTERM)
+        assert running[0].wait(timeout=30) == -signal.SIGTERM
+        running[1].kill()
+        running[1].wait(timeout=10)
+        wait_for(lambda: all(gone(pid) for pid in children), 15, "both runs to end")
+        for launcher in running:
+            launcher.communicate(timeout=5)
 
 
 def test_launcher_without_server_falls_back_to_a_cold_engine(tmp_path: Path) -> None:
