@@ -83,9 +83,28 @@ def kubernetes_base_job_template(path: Path = BASE_JOB_TEMPLATE) -> dict[str, An
     return cast(dict[str, Any], json.loads(path.read_text()))
 
 
-def base_job_template(settings: Settings) -> dict[str, Any] | None:
-    """The template the pool must have; None leaves Prefect's default (process pool)."""
-    return kubernetes_base_job_template() if pool_type(settings) == "kubernetes" else None
+def process_base_job_template(settings: Settings) -> dict[str, Any]:
+    """Prefect's process template; with a warm-runs socket, its launcher is the command.
+
+    `taxi-pipeline up` starts a fork server that keeps Prefect and the flows imported
+    and sets TAXI_WARM_RUNS_SOCKET; each run then starts in milliseconds instead of
+    paying a new interpreter's imports (taxi_pipeline/warm_runs.py). The launcher
+    falls back to a normal cold start when the fork server is not running.
+    """
+    from prefect.workers.process import ProcessWorker
+
+    from taxi_pipeline.warm_runs import process_pool_template
+
+    if settings.warm_runs_socket:
+        return process_pool_template(Path(settings.warm_runs_socket))
+    return cast(dict[str, Any], ProcessWorker.get_default_base_job_template())
+
+
+def base_job_template(settings: Settings) -> dict[str, Any]:
+    """The template the pool must have."""
+    if pool_type(settings) == "kubernetes":
+        return kubernetes_base_job_template()
+    return process_base_job_template(settings)
 
 
 async def ensure_work_pool(settings: Settings) -> str:
@@ -97,7 +116,7 @@ async def ensure_work_pool(settings: Settings) -> str:
         except ObjectNotFound:
             await client.create_work_pool(
                 WorkPoolCreate(name=settings.work_pool, type=pool_type(settings),
-                               base_job_template=template or {})
+                               base_job_template=template)
             )
             log.info("created %s work pool %r", pool_type(settings), settings.work_pool)
             return "created"
@@ -107,7 +126,7 @@ async def ensure_work_pool(settings: Settings) -> str:
                 f"{settings.profile!r} needs {pool_type(settings)!r}: set TAXI_WORK_POOL to "
                 "another name or delete that pool."
             )
-        if template is None or pool.base_job_template == template:
+        if pool.base_job_template == template:
             log.info("work pool %r unchanged", settings.work_pool)
             return "unchanged"
         await client.update_work_pool(settings.work_pool,

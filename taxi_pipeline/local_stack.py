@@ -9,11 +9,13 @@ is stopped by group (SIGTERM, then SIGINT, then SIGKILL), because a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,9 @@ from taxi_pipeline.prefect_database import EmbeddedPostgres, sqlite_url
 from taxi_pipeline.settings import Settings
 
 DEFAULT_UI_PORT = 4200
+# What the fork server imports once, so that flow runs start warm.
+WARM_PRELOAD = ("flows.transform", "flows.load", "flows.recover", "flows.reconcile",
+                "flows.download")
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -226,7 +231,10 @@ class LocalStack:
             wait_healthy(self.api_url, 30)
         else:
             self.start_server()
+        fork_server = self.start_fork_server() if self.start_worker else None
         self.deploy()
+        if fork_server is not None:
+            self.wait_fork_server(fork_server)
         if self.start_worker:
             self.spawn(
                 "worker",
@@ -245,6 +253,37 @@ class LocalStack:
             self.env["TAXI_BRIDGE_PORT"] = str(self.bridge_port)
             self.spawn("bridge", [sys.executable, "-m", "pubsub_bridge"])
         return self
+
+    @property
+    def fork_server_socket(self) -> Path:
+        """Unix socket paths are limited to ~107 bytes: fall back to a short one in /tmp."""
+        path = self.settings.home / "run" / "flow-runs.sock"
+        if len(str(path)) > 100:
+            digest = hashlib.sha1(str(self.settings.home).encode()).hexdigest()[:12]
+            path = Path(tempfile.gettempdir()) / f"taxi-pipeline-{digest}.sock"
+        return path
+
+    def start_fork_server(self) -> ManagedProcess | None:
+        """The warm fork server for flow runs (see taxi_pipeline/warm_runs.py), if enabled."""
+        if not self.settings.warm_runs:
+            return None
+        from taxi_pipeline.warm_runs import server_argv
+
+        socket_path = self.fork_server_socket
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        socket_path.unlink(missing_ok=True)
+        self.env["TAXI_WARM_RUNS_SOCKET"] = str(socket_path)
+        return self.spawn("flow-runs", server_argv(socket_path, WARM_PRELOAD))
+
+    def wait_fork_server(self, managed: ManagedProcess, timeout: float = 120) -> None:
+        """Until the fork server listens; a server that dies only costs warm starts."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and managed.alive():
+            if self.fork_server_socket.exists():
+                return
+            time.sleep(0.1)
+        print(f"warning: the flow-run fork server is not listening (see {managed.log_path}); "
+              "flow runs start cold", file=sys.stderr)
 
     def process(self, name: str) -> ManagedProcess:
         for managed in self.processes:

@@ -102,6 +102,16 @@ class Settings(BaseSettings):
         "(HOME/prefect/postgres) or, as a fallback, SQLite (locks under bursts).",
     )
     work_pool: str = ""
+    warm_runs: bool = Field(
+        default=True,
+        description="`up`/`demo` start flow runs from a warm fork server (process pool) "
+        "instead of a new Python process each.",
+    )
+    warm_runs_socket: str = Field(
+        default="",
+        description="Set by `up` for `deploy`: the fork server's socket, which the process "
+        "pool's command then uses.",
+    )
     transform_deployment: str = "transform"
     load_deployment: str = "load"
     image: str = Field(default="", description="Flow image for the kubernetes work pool.")
