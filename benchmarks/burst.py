@@ -1,0 +1,118 @@
+"""Benchmark: a burst of N files dropped at once on the local profile, SQLite vs PostgreSQL.
+
+Usage: .venv/bin/python benchmarks/burst.py [--files 200] [--rows 300] [--timeout 1800]
+
+For each Prefect database (embedded PostgreSQL, the default; SQLite, the
+fallback) a fresh local stack is started (server, fork server, worker, bridge,
+deployments, automations), N small valid files (both datasets, distinct months)
+are copied into raw/ at once, and nothing else is done: the bridge,
+automations, recover and reconcile deployments must load them. Printed per
+database: seconds until all are queryable, flow runs created per second, runs
+that did not complete, files loaded exactly once, the bridge's peak RSS. The
+two rows are measured in the same run, one after the other, so they compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName  # noqa: E402
+from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
+from support.burst import drop_all, make_burst, wait_all_loaded  # noqa: E402
+
+from taxi_pipeline.local_stack import LocalStack  # noqa: E402
+from taxi_pipeline.settings import Settings  # noqa: E402
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM: the process's own peak resident set (not inherited like ru_maxrss)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def run_counts() -> tuple[int, int, float]:
+    """(runs created, runs not Completed, seconds from first to last creation)."""
+    runs: list[Any] = []
+    async with get_client() as client:
+        while True:
+            page = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["transform", "load"])),
+                limit=200, offset=len(runs))
+            runs += page
+            if len(page) < 200:
+                break
+    created = sorted(r.created for r in runs if r.created)
+    span = (created[-1] - created[0]).total_seconds() if len(created) > 1 else 0.0
+    incomplete = sum(1 for r in runs if not (r.state and r.state.is_completed()))
+    return len(runs), incomplete, span
+
+
+def one(database: str, files_count: int, rows: int, timeout: float) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix=f"burst-{database}-") as tmp:
+        home = Path(tmp) / "home"
+        settings = Settings(profile="local", home=home, bucket=str(home / "bucket"),
+                            prefect_database=database)  # type: ignore[arg-type]
+        files = make_burst(files_count, Path(tmp) / "files", settings, rows=rows)
+        with LocalStack(settings, ui=False, api_url=None) as stack, \
+                temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
+            started = drop_all(files, settings)
+            outcome = wait_all_loaded(files, settings, started, timeout)
+            created, incomplete, span = asyncio.run(run_counts())
+            uris = {(settings.bucket_dir / f.name).as_uri(): f.expected_good for f in files}
+            once = sum(1 for uri, good in uris.items()
+                       if outcome.rows_by_uri.get(uri) == good
+                       and outcome.loads_by_uri.get(uri) == 1)
+            return {
+                "database": database,
+                "seconds": outcome.seconds,
+                "runs": created,
+                "runs_per_s": created / span if span else float("nan"),
+                "not_completed": incomplete,
+                "exactly_once": f"{once}/{files_count}",
+                "bridge_peak_mib": peak_rss_mib(stack.process("bridge").process.pid),
+            }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--files", type=int, default=200)
+    parser.add_argument("--rows", type=int, default=300)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--databases", default="postgres,sqlite")
+    args = parser.parse_args()
+    print(f"burst of {args.files} files x {args.rows} rows; load average before: "
+          f"{os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    results = []
+    for database in args.databases.split(","):
+        try:
+            results.append(one(database, args.files, args.rows, args.timeout))
+        except AssertionError as exc:
+            results.append({"database": database, "error": str(exc)})
+        print(results[-1], flush=True)
+    print(f"\n{'database':<10} {'all loaded':>10} {'runs':>6} {'runs/s':>7} "
+          f"{'not done':>8} {'once':>9} {'bridge MiB':>10}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['database']:<10} FAILED: {r['error']}")
+            continue
+        print(f"{r['database']:<10} {r['seconds']:>9.0f}s {r['runs']:>6} "
+              f"{r['runs_per_s']:>7.2f} {r['not_completed']:>8} {r['exactly_once']:>9} "
+              f"{r['bridge_peak_mib']:>10.0f}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
