@@ -6,6 +6,7 @@ and reconcile read it back (only the footer, never the rows).
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from taxi_pipeline.objects import ObjectRef
@@ -27,7 +28,12 @@ def lineage_metadata(source_uri: str, source_generation: int) -> dict[bytes, byt
 def read_lineage(store: ObjectStore, obj: ObjectRef) -> tuple[str, int]:
     """(source URI, source generation) from the parquet footer's key-value metadata."""
     with store.open_read(obj) as handle:
-        metadata = pq.read_metadata(handle).metadata or {}
+        try:
+            metadata = pq.read_metadata(handle).metadata or {}
+        except pa.ArrowInvalid as exc:  # not parquet, or truncated: it will never load
+            raise NotAProcessedObject(
+                f"{obj.uri} is not a readable parquet file ({exc}); only files written by "
+                "the transform flow can be loaded") from exc
     try:
         return (metadata[METADATA_SOURCE_URI].decode(),
                 int(metadata[METADATA_SOURCE_GENERATION]))

@@ -233,3 +233,56 @@ def test_ctrl_c_on_up_during_a_flow_run_leaves_nothing_behind(tmp_path: Path) ->
     while ours() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ours() == []
+
+
+def test_recovery_gives_up_after_its_attempts_and_says_so(
+        stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poison object cannot loop: after the budget, `pipeline.recovery.exhausted`."""
+    from prefect.events import Event, RelatedResource, Resource
+
+    from flows.recover import recover
+    from taxi_pipeline.event_delivery import EventDelivery
+    from taxi_pipeline.settings import get_settings
+
+    settings = stack.settings
+    for key, value in {"TAXI_HOME": str(settings.home), "TAXI_BUCKET": settings.bucket}.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    # A processed-stage name (reconcile lists raw/ only) landed while the bridge is
+    # away: nothing but this test acts on it.
+    name = raw_object_name(settings.processed_prefix, "green", 2018, 2)
+    bridge = stack.process("bridge")
+    bridge.stop()
+    stack.processes.remove(bridge)
+    try:
+        target = settings.bucket_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"not parquet at all")
+        obj = LocalStore(settings.bucket_dir).ref(name)
+        resource = Resource(events.object_resource(obj, settings.stage_prefixes))
+        landed = events.object_finalized(obj, settings.stage_prefixes, reemit=True)
+        spent = [Event(event=events.RECOVERY_ATTEMPTED, resource=resource,
+                       payload={"attempt": n, "cause": "test"})
+                 for n in range(1, settings.recovery_max_attempts + 1)]
+        failed = Event(
+            event="prefect.automation.action.failed",
+            resource=Resource({"prefect.resource.id": "prefect.automation.test",
+                               "prefect.resource.name": RAW_LANDED}),
+            related=[RelatedResource({"prefect.resource.id": f"prefect.event.{landed.id}",
+                                      "prefect.resource.role": "triggering-event"})],
+            payload={"reason": "Unexpected status from 'run-deployment' action: 503"})
+
+        async def _emit() -> set[Any]:
+            async with EventDelivery() as delivery:
+                return await delivery.deliver([landed, *spent, failed], timeout=60)
+
+        assert len(asyncio.run(_emit())) == len(spent) + 2
+        state = asyncio.run(recover(event_id=str(failed.id), event_name=failed.event,
+                                    subject="prefect.automation.test", return_state=True))
+        assert state.is_failed()
+        assert "reemit" in (state.message or "")
+        exhausted = wait_events([events.RECOVERY_EXHAUSTED], obj.uri)
+        assert "503" in exhausted[0].payload["cause"]
+        target.unlink()
+    finally:
+        stack.spawn("bridge", [sys.executable, "-m", "pubsub_bridge"])

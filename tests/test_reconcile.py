@@ -53,3 +53,35 @@ def test_only_raw_objects_that_never_reached_the_warehouse_are_stalled(tmp_path:
 
     # Nothing younger than the threshold is reported: it is probably in flight.
     assert list(find_stalled(store, warehouse, settings, timedelta(days=100000))) == []
+
+
+def test_in_flight_objects_are_left_alone_until_they_are_quiet() -> None:
+    from prefect.events import Event, Resource
+
+    from taxi_pipeline import events
+    from taxi_pipeline.reconcile import RUNNING_GRACE, why_in_flight
+
+    now = datetime.now(UTC)
+
+    def event(name: str, age: timedelta) -> Event:
+        return Event(event=name, occurred=now - age,
+                     resource=Resource({"prefect.resource.id": "file:///b/raw/x.parquet"}))
+
+    three = timedelta(minutes=3)
+    assert why_in_flight([], three, now) is None
+    assert "ago" in (why_in_flight([event(events.OBJECT_FINALIZED, timedelta(minutes=1))],
+                                   three, now) or "")
+    assert why_in_flight([event(events.TRANSFORM_COMPLETED, timedelta(minutes=5))],
+                         three, now) is None
+    # A transform that started and never finished is presumed running for a while...
+    started = event(events.TRANSFORM_STARTED, timedelta(minutes=10))
+    assert "not finished" in (why_in_flight([started], three, now) or "")
+    # ... but not forever: its process may be gone.
+    lost = event(events.TRANSFORM_STARTED, RUNNING_GRACE + timedelta(minutes=1))
+    assert why_in_flight([lost], three, now) is None
+    # Automatic recovery gave up on this generation: a person decides, not reconcile.
+    gave_up = event(events.RECOVERY_EXHAUSTED, timedelta(days=1))
+    assert "gave up" in (why_in_flight([], three, now, [gave_up], now - timedelta(days=2))
+                         or "")
+    # A newer drop of the object (landed after the give-up) is fair game again.
+    assert why_in_flight([], three, now, [gave_up], now - timedelta(hours=1)) is None
