@@ -239,7 +239,8 @@ class LocalStack:
             self.spawn(
                 "worker",
                 [sys.executable, "-m", "prefect", "worker", "start", "--pool",
-                 self.settings.work_pool, "--type", "process"],
+                 self.settings.work_pool, "--type", "process",
+                 "--limit", str(self.settings.worker_limit)],
             )
         if self.start_bridge:
             # An explicit TAXI_BRIDGE_PORT is honoured (the bridge fails loudly if it is

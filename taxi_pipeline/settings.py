@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         "(HOME/prefect/postgres) or, as a fallback, SQLite (locks under bursts).",
     )
     work_pool: str = ""
+    worker_limit: int = Field(
+        default=8, ge=1,
+        description="Flow runs the local worker runs at once (each takes ~100 MB); more wait "
+        "in the queue.",
+    )
     warm_runs: bool = Field(
         default=True,
         description="`up`/`demo` start flow runs from a warm fork server (process pool) "
