@@ -81,6 +81,28 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def duckdb_cli() -> str:
+    """The DuckDB CLI installed beside this interpreter (the duckdb-cli package)."""
+    beside = Path(sys.executable).with_name("duckdb")
+    return str(beside) if beside.exists() else "duckdb"
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Write a synthetic TLC month (real schema and dirt) to try the pipeline with."""
+    try:
+        year, month = (int(part) for part in args.month.split("-"))
+        if not 1 <= month <= 12:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--month {args.month!r}: expected YYYY-MM, e.g. 2024-03") from None
+    sample = generate_month(args.dataset, year, month, args.rows, seed=args.seed)
+    out = Path(args.output or f"{args.dataset}_tripdata_{year:04d}-{month:02d}.parquet")
+    write_month(sample, out)
+    print(f"wrote {out} ({sample.table.num_rows:,} rows, {sample.expected_good:,} should pass "
+          f"the quality rules)")
+    return 0
+
+
 def wait_for_load(settings: Settings, store: ObjectStore, raw: ObjectRef,
                   timeout: float) -> tuple[int, float] | str:
     """(rows, seconds) once the warehouse holds this generation, or why it never will."""
@@ -136,7 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       flush=True)
     print(f"Demo done: {sample.table.num_rows:,} rows in, {rows:,} loaded, {rejected:,} rejected;"
           f" drop to queryable median {statistics.median(latencies):.1f}s over "
-          f"{len(latencies)} drop(s). Query it: duckdb {settings.warehouse_file} "
+          f"{len(latencies)} drop(s). Query it: {duckdb_cli()} {settings.warehouse_file} "
           f"\"select count(*) from {settings.table}\"")
     return 0
 
@@ -284,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=180.0,
                       help="seconds to wait for each drop to be loaded")
     demo.set_defaults(func=cmd_demo)
+    sample = sub.add_parser(
+        "sample", help="write a synthetic TLC month (real schema and dirt) to drop in",
+        description="Write a synthetic TLC month to try the pipeline with, e.g. "
+                    "`taxi-pipeline sample yellow 2024-03` -> yellow_tripdata_2024-03.parquet")
+    sample.add_argument("dataset", choices=["yellow", "green"])
+    sample.add_argument("month", help="YYYY-MM")
+    sample.add_argument("-o", "--output", help="file to write (default: the TLC file name)")
+    sample.add_argument("--rows", type=int, default=100_000)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=cmd_sample)
     reemit = sub.add_parser("reemit", help="process objects again (re-run or backfill)")
     reemit.add_argument("objects", nargs="+",
                         help="object URIs or names (raw/... or processed/...)")
