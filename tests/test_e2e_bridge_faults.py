@@ -16,7 +16,6 @@ the other cases run while it lasts.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -25,14 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.events.filters import (
-    EventFilter,
-    EventNameFilter,
-    EventOccurredFilter,
-    EventResourceFilter,
-)
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from support.local_e2e import read_events, running_stack, wait_events, wait_loaded
 
 from taxi_pipeline import events
 from taxi_pipeline.local_stack import LocalStack
@@ -53,10 +45,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     home = tmp_path_factory.mktemp("faults-home")
     settings = Settings(profile="local", home=home, bucket=str(home / "bucket"),
                         stall_seconds=STALL_SECONDS)
-    with LocalStack(settings, ui=False, api_url=None) as running:
-        assert running.api_url
-        with temporary_settings(updates={PREFECT_API_URL: running.api_url}):
-            yield running
+    with running_stack(settings) as running:
+        yield running
 
 
 @dataclass
@@ -117,32 +107,8 @@ def slow_writer(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def read_events(names: list[str], uri: str) -> list[Any]:
-    async def _read() -> list[Any]:
-        async with get_client() as client:
-            page = await client.read_events(
-                filter=EventFilter(event=EventNameFilter(name=names),
-                                   resource=EventResourceFilter(id=[uri]),
-                                   occurred=EventOccurredFilter()),
-                limit=50,
-            )
-            return list(page.events)
-
-    return asyncio.run(_read())
-
-
-def wait_events(names: list[str], uri: str, timeout: float = TIMEOUT) -> list[Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = read_events(names, uri)
-        if found:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"no {names} event about {uri} within {timeout:.0f}s")
-
-
 def wait_rejected(uri: str, why: str) -> Any:
-    (event,) = wait_events([events.NOTIFICATION_REJECTED], uri)
+    (event,) = wait_events([events.NOTIFICATION_REJECTED], uri, timeout=TIMEOUT)
     assert event.payload["why"] == why, event.payload
     assert event.payload["detail"]
     return event
@@ -161,17 +127,6 @@ def wait_log(stack: LocalStack, *needles: str, timeout: float) -> str:
                 return line
         time.sleep(0.25)
     raise AssertionError(f"the bridge never logged {needles} within {timeout:.0f}s")
-
-
-def wait_loaded(settings: Settings, uri: str, generation: int) -> int:
-    warehouse = DuckDBWarehouse(settings.warehouse_file)
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        loaded = warehouse.loaded(settings.table, uri)
-        if loaded and loaded[0] >= generation:
-            return loaded[1]
-        time.sleep(0.25)
-    raise AssertionError(f"{uri} generation {generation} not loaded within {TIMEOUT:.0f}s")
 
 
 def assert_stack_up(stack: LocalStack) -> None:

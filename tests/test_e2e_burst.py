@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from support.burst import BurstFile, drop_all, make_burst, read_outcome, wait_all_loaded
+from support.local_e2e import running_stack
 
 from taxi_pipeline.local_stack import LocalStack
 from taxi_pipeline.settings import Settings
@@ -33,10 +33,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     home = tmp_path_factory.mktemp("burst-home")
     settings = Settings(profile="local", home=home, bucket=str(home / "bucket"),
                         reconcile_every_minutes=0.5, reconcile_after_minutes=0.5)
-    with LocalStack(settings, ui=False, api_url=None) as running:
-        assert running.api_url
-        with temporary_settings(updates={PREFECT_API_URL: running.api_url}):
-            yield running
+    with running_stack(settings) as running:
+        yield running
 
 
 def assert_exactly_once(files: list[BurstFile], settings: Settings, rows: dict[str, int],

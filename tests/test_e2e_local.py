@@ -7,7 +7,7 @@ and the test waits until the warehouse holds them; nothing is called directly.
 from __future__ import annotations
 
 import asyncio
-import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,15 +15,18 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-from prefect.events.filters import (
-    EventFilter,
-    EventNameFilter,
-    EventOccurredFilter,
-    EventResourceFilter,
+from support.local_e2e import (
+    LOAD_TIMEOUT,
+    drop,
+    flow_run_count,
+    processes_of,
+    running_stack,
+    start_up,
+    stop_up,
+    table_rows,
+    wait_events,
+    wait_loaded,
 )
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.transform_core import transform_parquet
 from taxi_pipeline import events
@@ -37,85 +40,12 @@ from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 
 pytestmark = pytest.mark.e2e
 
-LOAD_TIMEOUT = 240.0
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     home = tmp_path_factory.mktemp("e2e-home")
     settings = Settings(profile="local", home=home, bucket=str(home / "bucket"), stall_seconds=5)
-    with LocalStack(settings, ui=False, api_url=None) as running:
-        assert running.api_url
-        with temporary_settings(updates={PREFECT_API_URL: running.api_url}):
-            yield running
-            # Flows run in this process (download) queue logs for the API: send them
-            # while the server is still up.
-            from prefect.logging.handlers import APILogWorker
-
-            APILogWorker.drain_all(timeout=5)
-
-
-def drop(source: Path, settings: Settings, name: str) -> Path:
-    """Copy a file into the bucket the way a user would (not atomically)."""
-    target = settings.bucket_dir / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    return target
-
-
-def wait_loaded(settings: Settings, uri: str, generation: int) -> int:
-    warehouse = DuckDBWarehouse(settings.warehouse_file)
-    deadline = time.monotonic() + LOAD_TIMEOUT
-    while time.monotonic() < deadline:
-        loaded = warehouse.loaded(settings.table, uri)
-        if loaded and loaded[0] >= generation:
-            return loaded[1]
-        time.sleep(0.25)
-    raise AssertionError(f"{uri} generation {generation} not loaded within {LOAD_TIMEOUT}s")
-
-
-def read_events(names: list[str], uri: str) -> list[Any]:
-    async def _read() -> list[Any]:
-        async with get_client() as client:
-            page = await client.read_events(
-                filter=EventFilter(
-                    event=EventNameFilter(name=names),
-                    resource=EventResourceFilter(id=[uri]),
-                    occurred=EventOccurredFilter(),
-                ),
-                limit=50,
-            )
-            return list(page.events)
-
-    return asyncio.run(_read())
-
-
-def wait_events(names: list[str], uri: str, at_least: int = 1, timeout: float = 60) -> list[Any]:
-    deadline = time.monotonic() + timeout
-    found: list[Any] = []
-    while time.monotonic() < deadline:
-        found = read_events(names, uri)
-        if len(found) >= at_least:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"expected {at_least} of {names} about {uri}, found {len(found)}")
-
-
-def flow_run_count(deployment: str) -> int:
-    async def _count() -> int:
-        async with get_client() as client:
-            return await client.count_flow_runs(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment]))
-            )
-
-    return asyncio.run(_count())
-
-
-def table_rows(settings: Settings) -> int:
-    with DuckDBWarehouse(settings.warehouse_file).connect(read_only=True) as con:
-        row = con.execute(f"SELECT count(*) FROM {settings.table}").fetchone()
-        assert row is not None
-        return int(row[0])
+    with running_stack(settings) as running:
+        yield running
 
 
 def test_files_travel_the_whole_chain(stack: LocalStack, tmp_path: Path,
@@ -306,45 +236,11 @@ def test_reemit_runs_the_chain_again_and_status_tells_the_story(
 
 def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
     """`taxi-pipeline up` under a supervisor: SIGTERM leaves no process behind."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     home = tmp_path / "up-home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TAXI_", "PREFECT_API"))}
-    env["TAXI_HOME"] = str(home)
-    cli = Path(sys.executable).with_name("taxi-pipeline")
-    up = subprocess.Popen([str(cli), "up"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    assert up.stdout is not None
-    lines = []
-    for line in up.stdout:
-        lines.append(line)
-        if line.startswith("Running."):
-            break
-    assert lines and lines[-1].startswith("Running."), "".join(lines)
-
-    def ours() -> list[int]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            try:
-                if entry.name.isdigit() and f"TAXI_HOME={home}".encode() in \
-                        (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-        return found
-
-    assert len(ours()) >= 4  # the CLI, server, worker, bridge
-    up.send_signal(signal.SIGTERM)
-    assert up.wait(timeout=90) == 0
-    assert "nothing left running" in up.stdout.read()
-    deadline = time.monotonic() + 10
-    while ours() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ours() == []
-    assert not (home / "api-url").exists()
+    up = start_up(home)
+    # The CLI, PostgreSQL, server, fork server, worker, bridge.
+    assert len(processes_of(home)) >= 6
+    stop_up(up, home, signal.SIGTERM)
 
 
 def test_reconcile_re_emits_what_never_reached_the_warehouse(

@@ -9,10 +9,9 @@ positive signal (rows in the warehouse, an event stored).
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -31,8 +30,16 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
-from prefect.settings import PREFECT_API_URL, temporary_settings
-from test_e2e_local import drop, read_events, wait_events, wait_loaded
+from support.local_e2e import (
+    drop,
+    processes_of,
+    read_events,
+    running_stack,
+    start_up,
+    stop_up,
+    wait_events,
+    wait_loaded,
+)
 
 from automations.apply import apply_automations
 from automations.definitions import RAW_LANDED, pipeline_automations
@@ -54,10 +61,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
                         stall_seconds=5, reconcile_every_minutes=0.5,
                         reconcile_after_minutes=0.25)
     env = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": str(SCHEDULER_LOOP_SECONDS)}
-    with LocalStack(settings, ui=False, api_url=None, env=env) as running:
-        assert running.api_url
-        with temporary_settings(updates={PREFECT_API_URL: running.api_url}):
-            yield running
+    with running_stack(settings, env) as running:
+        yield running
 
 
 def _runs(flow: str, deployment: str, states: list[StateType] | None = None) -> int:
@@ -191,32 +196,15 @@ def test_a_failed_transform_run_is_re_run_and_the_object_loaded(
 
 def test_ctrl_c_on_up_during_a_flow_run_leaves_nothing_behind(tmp_path: Path) -> None:
     home = tmp_path / "up-home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TAXI_", "PREFECT_API"))}
-    env["TAXI_HOME"] = str(home)
-    cli = Path(sys.executable).with_name("taxi-pipeline")
-    up = subprocess.Popen([str(cli), "up"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    assert up.stdout is not None
-    lines = []
-    for line in up.stdout:
-        lines.append(line)
-        if line.startswith("Running."):
-            break
-    assert lines and lines[-1].startswith("Running."), "".join(lines)
-
-    def ours(marker: bytes = f"TAXI_HOME={home}".encode()) -> list[int]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            try:
-                if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-        return found
+    up = start_up(home)
 
     def flow_runs() -> list[int]:
-        return [pid for pid in ours() if b"PREFECT__FLOW_RUN_ID" in
-                Path(f"/proc/{pid}/environ").read_bytes()]
+        found = []
+        for pid in processes_of(home):
+            with contextlib.suppress(OSError):
+                if b"PREFECT__FLOW_RUN_ID" in Path(f"/proc/{pid}/environ").read_bytes():
+                    found.append(pid)
+        return found
 
     sample = generate_month("yellow", 2024, 3, 200_000, seed=24)
     target = home / "bucket" / raw_object_name("raw/", "yellow", 2024, 3)
@@ -226,13 +214,8 @@ def test_ctrl_c_on_up_during_a_flow_run_leaves_nothing_behind(tmp_path: Path) ->
     while not flow_runs() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert flow_runs(), "no flow run started within 120 s"
-    os.killpg(up.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground group
-    assert up.wait(timeout=120) == 0
-    assert "nothing left running" in up.stdout.read()
-    deadline = time.monotonic() + 10
-    while ours() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ours() == []
+    # Ctrl-C in a terminal signals the whole foreground process group.
+    stop_up(up, home, signal.SIGINT)
 
 
 def test_recovery_gives_up_after_its_attempts_and_says_so(

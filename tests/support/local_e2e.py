@@ -1,0 +1,157 @@
+"""What the local-profile end-to-end tests share: a running stack, dropping files, waiting.
+
+Waits are bounded polls for a positive signal (rows in the warehouse, an event
+stored), never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventResourceFilter,
+)
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from taxi_pipeline.local_stack import LocalStack
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
+
+LOAD_TIMEOUT = 240.0
+
+
+@contextlib.contextmanager
+def running_stack(settings: Settings, env: dict[str, str] | None = None) -> Iterator[LocalStack]:
+    """The stack `taxi-pipeline up` starts, with this process's Prefect client pointed at it."""
+    with LocalStack(settings, ui=False, api_url=None, env=dict(env or {})) as running:
+        assert running.api_url
+        with temporary_settings(updates={PREFECT_API_URL: running.api_url}):
+            yield running
+            # Flows run in this process queue logs for the API: send them while the
+            # server is still up.
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
+
+
+def drop(source: Path, settings: Settings, name: str) -> Path:
+    """Copy a file into the bucket the way a user would (not atomically)."""
+    target = settings.bucket_dir / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+def wait_loaded(settings: Settings, uri: str, generation: int,
+                timeout: float = LOAD_TIMEOUT) -> int:
+    """Rows of `uri` once the warehouse holds `generation` (or a newer one)."""
+    warehouse = DuckDBWarehouse(settings.warehouse_file)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        loaded = warehouse.loaded(settings.table, uri)
+        if loaded and loaded[0] >= generation:
+            return loaded[1]
+        time.sleep(0.25)
+    raise AssertionError(f"{uri} generation {generation} not loaded within {timeout:.0f}s")
+
+
+def read_events(names: list[str], uri: str) -> list[Any]:
+    async def _read() -> list[Any]:
+        async with get_client() as client:
+            page = await client.read_events(
+                filter=EventFilter(
+                    event=EventNameFilter(name=names),
+                    resource=EventResourceFilter(id=[uri]),
+                    occurred=EventOccurredFilter(),
+                ),
+                limit=50,
+            )
+            return list(page.events)
+
+    return asyncio.run(_read())
+
+
+def wait_events(names: list[str], uri: str, at_least: int = 1, timeout: float = 60) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    found: list[Any] = []
+    while time.monotonic() < deadline:
+        found = read_events(names, uri)
+        if len(found) >= at_least:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"expected {at_least} of {names} about {uri}, found {len(found)}")
+
+
+def flow_run_count(deployment: str) -> int:
+    async def _count() -> int:
+        async with get_client() as client:
+            return await client.count_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment]))
+            )
+
+    return asyncio.run(_count())
+
+
+def table_rows(settings: Settings) -> int:
+    with DuckDBWarehouse(settings.warehouse_file).connect(read_only=True) as con:
+        row = con.execute(f"SELECT count(*) FROM {settings.table}").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def start_up(home: Path) -> subprocess.Popen[str]:
+    """`taxi-pipeline up` in its own process group (as a terminal runs it), once it runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TAXI_", "PREFECT_API"))}
+    env["TAXI_HOME"] = str(home)
+    cli = Path(sys.executable).with_name("taxi-pipeline")
+    up = subprocess.Popen([str(cli), "up"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert up.stdout is not None
+    lines = []
+    for line in up.stdout:
+        lines.append(line)
+        if line.startswith("Running."):
+            break
+    assert lines and lines[-1].startswith("Running."), "".join(lines)
+    return up
+
+
+def processes_of(home: Path) -> list[int]:
+    """Pids of every process whose environment names this TAXI_HOME (PostgreSQL's too)."""
+    marker = f"TAXI_HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def stop_up(up: subprocess.Popen[str], home: Path, sig: int) -> None:
+    """Signal `up`, and check it stops everything it started and says so only then."""
+    os.killpg(up.pid, sig) if sig == signal.SIGINT else up.send_signal(sig)
+    assert up.wait(timeout=120) == 0
+    assert up.stdout is not None
+    assert "nothing left running" in up.stdout.read()
+    deadline = time.monotonic() + 10
+    while processes_of(home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_of(home) == []
+    assert not (home / "api-url").exists()
