@@ -243,14 +243,8 @@ class LocalStack:
                  "--limit", str(self.settings.worker_limit)],
             )
         if self.start_bridge:
-            # An explicit TAXI_BRIDGE_PORT is honoured (the bridge fails loudly if it is
-            # taken); otherwise `up` prefers the default port, and headless stacks
-            # (demo, tests, several side by side) take any free port.
             if self.bridge_port is None:
-                explicit = ("bridge_port" in self.settings.model_fields_set
-                            or "TAXI_BRIDGE_PORT" in os.environ)
-                self.bridge_port = (self.settings.bridge_port if explicit else
-                                    free_port(self.settings.bridge_port if self.ui else None))
+                self.bridge_port = bridge_port(self.settings, prefer_default=self.ui)
             self.env["TAXI_BRIDGE_PORT"] = str(self.bridge_port)
             self.spawn("bridge", [sys.executable, "-m", "pubsub_bridge"])
         return self
@@ -340,6 +334,16 @@ class LocalStack:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def bridge_port(settings: Settings, prefer_default: bool) -> int:
+    """An explicit TAXI_BRIDGE_PORT as is (the bridge fails loudly if it is taken);
+    otherwise the default port when free and wanted (`up`), else any free port
+    (demo, tests, stacks side by side)."""
+    explicit = "bridge_port" in settings.model_fields_set or "TAXI_BRIDGE_PORT" in os.environ
+    if explicit:
+        return settings.bridge_port
+    return free_port(settings.bridge_port if prefer_default else None)
 
 
 def flow_run_ids(processes: list[psutil.Process]) -> dict[int, str]:
