@@ -114,12 +114,17 @@ def test_deployments_carry_the_image_and_their_resources(two_runs: tuple[Any, ..
         assert state["job_variables"]["image"] == IMAGE
 
 
-def test_only_the_load_has_a_concurrency_limit_of_one(two_runs: tuple[Any, ...]) -> None:
+def test_loads_queue_one_at_a_time_and_a_late_reconcile_is_dropped(
+        two_runs: tuple[Any, ...]) -> None:
     first = two_runs[0]
     load = by_entrypoint(first, "flows.load.load")
     assert load["concurrency_limit"] == 1
     assert load["collision"] == "ENQUEUE"  # extra loads wait for the slot, none is dropped
-    others = [d for key, d in first["deployments"].items() if not key.endswith("flows.load.load")]
+    reconcile = by_entrypoint(first, "flows.reconcile.reconcile")
+    assert reconcile["concurrency_limit"] == 1
+    assert reconcile["collision"] == "CANCEL_NEW"  # never two passes re-emitting the same
+    others = [d for key, d in first["deployments"].items()
+              if not key.endswith(("flows.load.load", "flows.reconcile.reconcile"))]
     assert others and all(d["concurrency_limit"] is None for d in others)
 
 
