@@ -26,10 +26,10 @@ async def reconcile(older_than_minutes: float | None = None,
     minutes = settings.reconcile_after_minutes if older_than_minutes is None \
         else older_than_minutes
     report = await reconcile_pass(settings, timedelta(minutes=minutes), dry_run)
-    busy = {id(item): why for item, why in report.in_flight}
     rows: list[dict[str, Any]] = []
     for item in report.stalled:
-        action = f"left alone: {busy[id(item)]}" if id(item) in busy else (
+        why = report.left_alone(item)
+        action = f"left alone: {why}" if why else (
             "listed (dry run)" if dry_run else "re-emitted")
         logger.info("stalled uri=%s generation=%s why=%s action=%s", item.obj.uri,
                     item.obj.generation, item.why, action)

@@ -252,9 +252,9 @@ async def _reconcile(settings: Settings, older_than: timedelta, dry_run: bool) -
     from taxi_pipeline.reconcile import reconcile
 
     report = await reconcile(settings, older_than, dry_run)
-    busy = dict((id(item), why) for item, why in report.in_flight)
     for item in report.stalled:
-        state = f"in flight ({busy[id(item)]}): left alone" if id(item) in busy else item.why
+        why = report.left_alone(item)
+        state = f"in flight ({why}): left alone" if why else item.why
         print(f"stalled {item.obj.uri} generation {item.obj.generation}: {state}")
     if not report.to_emit:
         print("nothing to re-emit: every raw object older than "

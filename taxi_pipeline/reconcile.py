@@ -63,14 +63,17 @@ class ReconcileReport:
     """What one reconcile pass found and did."""
 
     stalled: list[Stalled] = field(default_factory=list)
-    in_flight: list[tuple[Stalled, str]] = field(default_factory=list)
+    # Raw object URI -> why it is left alone this pass.
+    in_flight: dict[str, str] = field(default_factory=dict)
     emitted: list[Event] = field(default_factory=list)
     confirmed: set[UUID] = field(default_factory=set)
 
+    def left_alone(self, item: Stalled) -> str | None:
+        return self.in_flight.get(item.obj.uri)
+
     @property
     def to_emit(self) -> list[Stalled]:
-        busy = {id(item) for item, _ in self.in_flight}
-        return [item for item in self.stalled if id(item) not in busy]
+        return [item for item in self.stalled if item.obj.uri not in self.in_flight]
 
     @property
     def unconfirmed(self) -> int:
@@ -230,7 +233,7 @@ async def reconcile(settings: Settings, older_than: timedelta, dry_run: bool,
                 if why is None and queued.intersection(pair):
                     why = "a transform or load run for it is queued or running"
                 if why:
-                    report.in_flight.append((item, why))
+                    report.in_flight[item.obj.uri] = why
         if dry_run or not report.to_emit:
             return report
         report.emitted = [events.object_finalized(item.to_emit, settings.stage_prefixes,
