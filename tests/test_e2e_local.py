@@ -255,6 +255,9 @@ def test_reconcile_re_emits_what_never_reached_the_warehouse(
     uri = drop(write_month(sample, tmp_path / "g.parquet"), settings, name).as_uri()
     generation = LocalStore(settings.bucket_dir).ref(name).generation
     assert wait_loaded(settings, uri, generation) == sample.expected_good
+    # Rows are visible before the load's completed event is stored; until it is,
+    # reconcile rightly sees a load started and not finished, and leaves it alone.
+    wait_events([events.LOAD_COMPLETED], uri.replace("/raw/", "/processed/"))
 
     # Lose the load, as a failed automation action would (the server never retries those).
     with DuckDBWarehouse(settings.warehouse_file).connect() as con:
