@@ -185,7 +185,7 @@ class LocalStack:
     def _spawn_server(self, port: int) -> None:
         server = self.spawn(
             "prefect-server",
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+            [sys.executable, "-m", "taxi_pipeline.prefect_server_start", "--host", "127.0.0.1",
              "--port", str(port)],
         )
         assert self.api_url is not None

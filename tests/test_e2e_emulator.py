@@ -18,6 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 from support.chain import emulator_chain
 from support.emulators import emulators_available
+from support.local_e2e import bridge_counter, wait_bridge_counter
 from support.prefect_server import postgres_available
 
 from taxi_pipeline.local_stack import LocalStack
@@ -88,6 +89,7 @@ def test_uploads_reach_bigquery_once(chain: tuple[LocalStack, Warehouse],
     runs = transform_runs(settings.transform_deployment)
     name = next(iter(uploaded))
     uri, generation = uploaded[name]
+    acked = bridge_counter(stack, "acked")
     publisher = pubsub_v1.PublisherClient()
     publisher.publish(
         publisher.topic_path(PROJECT, settings.pubsub_topic),
@@ -95,7 +97,15 @@ def test_uploads_reach_bigquery_once(chain: tuple[LocalStack, Warehouse],
         bucketId=BUCKET, objectId=name, objectGeneration=str(generation),
         eventType="OBJECT_FINALIZE", payloadFormat="JSON_API_V1",
     ).result(timeout=30)
-    time.sleep(8)
-    assert transform_runs(settings.transform_deployment) == runs
+    # Positive signals instead of a sleep: the bridge acked the duplicate (its event is
+    # stored), then a sentinel uploaded after it travels the whole chain, so the
+    # automations handled the duplicate long before.
+    wait_bridge_counter(stack, "acked", acked + 1)
+    sentinel = generate_month("green", 2024, 3, 2_000, seed=14)
+    sentinel_uri, sentinel_generation = upload(
+        sentinel, tmp_path, raw_object_name(settings.raw_prefix, "green", 2024, 3))
+    assert wait_loaded(warehouse, settings.table, sentinel_uri, sentinel_generation) == \
+        sentinel.expected_good
+    assert transform_runs(settings.transform_deployment) == runs + 1
     assert warehouse.rows_for(settings.table, uri) == months[name].expected_good
     assert stack.process("bridge").alive()

@@ -103,9 +103,16 @@ def test_files_travel_the_whole_chain(stack: LocalStack, tmp_path: Path,
             return await delivery.deliver([event], timeout=30)
 
     assert len(asyncio.run(redeliver())) == 1
-    time.sleep(5)
-    assert flow_run_count(settings.transform_deployment) == runs_before + 1
-    assert table_rows(settings) == total
+    # Positive signal instead of a sleep: a sentinel object dropped after the duplicate
+    # is loaded, so the automations have long handled the duplicate before it.
+    sentinel = generate_month("yellow", 2024, 3, 2_000, seed=3)
+    sentinel_name = raw_object_name(settings.raw_prefix, "yellow", 2024, 3)
+    sentinel_uri = drop(write_month(sentinel, tmp_path / "mar.parquet"), settings,
+                        sentinel_name).as_uri()
+    assert wait_loaded(settings, sentinel_uri, store.ref(sentinel_name).generation) == \
+        sentinel.expected_good
+    assert flow_run_count(settings.transform_deployment) == runs_before + 2
+    assert table_rows(settings) == total + sentinel.expected_good
     assert stack.process("bridge").alive()
 
 

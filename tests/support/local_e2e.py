@@ -155,3 +155,30 @@ def stop_up(up: subprocess.Popen[str], home: Path, sig: int) -> None:
         time.sleep(0.5)
     assert processes_of(home) == []
     assert not (home / "api-url").exists()
+
+
+def bridge_counter(stack: LocalStack, name: str) -> float:
+    """A counter of the running bridge's /metrics (e.g. "acked"), as Prometheus reads it."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.bridge_port}/metrics",
+                                timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"bridge_{name}_total" and not sample.labels:
+                return float(sample.value)
+    raise AssertionError(f"bridge_{name}_total not in the bridge's /metrics")
+
+
+def wait_bridge_counter(stack: LocalStack, name: str, at_least: float,
+                        timeout: float = 60) -> float:
+    deadline = time.monotonic() + timeout
+    value = bridge_counter(stack, name)
+    while value < at_least:
+        assert time.monotonic() < deadline, f"bridge_{name}_total stayed at {value}"
+        time.sleep(0.25)
+        value = bridge_counter(stack, name)
+    return value
