@@ -46,8 +46,10 @@ class HealthState:
         for name in required:
             seen = self.last_ok.get(name)
             if seen is None or now - seen > self.max_age:
-                why = self.last_error.get(name, "no successful check yet")
-                found.append(f"{name}: {why}")
+                why = self.last_error.get(name, "no answer yet")
+                last = ("never answered" if seen is None
+                        else f"last answered {now - seen:.0f}s ago")
+                found.append(f"{name}: {why} ({last})")
         return found
 
 
@@ -58,15 +60,27 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
 
 
 async def run_checks(checks: dict[str, Callable[[], Awaitable[object]]], state: HealthState,
-                     stop: asyncio.Event, every: float = 5.0) -> None:
-    """Probe each dependency every `every` seconds, off the bridge's hot loop, until stop."""
+                     stop: asyncio.Event, every: float = 5.0, timeout: float = 10.0) -> None:
+    """Probe each dependency on its own loop, off the bridge's hot loop, until stop.
+
+    Each probe has its own timeout, so a call that hangs on one dependency (a
+    Prefect server that accepts connections but never answers) cannot keep the
+    other's status stale.
+    """
+    await asyncio.gather(*(_check_loop(name, check, state, stop, every, timeout)
+                           for name, check in checks.items()))
+
+
+async def _check_loop(name: str, check: Callable[[], Awaitable[object]], state: HealthState,
+                      stop: asyncio.Event, every: float, timeout: float) -> None:
     while not stop.is_set():
-        for name, check in checks.items():
-            try:
-                await check()
-                state.ok(name)
-            except Exception as exc:
-                state.failed(name, str(exc))
+        try:
+            await asyncio.wait_for(check(), timeout)
+            state.ok(name)
+        except TimeoutError:
+            state.failed(name, f"no answer within {timeout:g}s")
+        except Exception as exc:
+            state.failed(name, str(exc) or type(exc).__name__)
         await sleep_or_stop(stop, every)
 
 

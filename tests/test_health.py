@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import urllib.error
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pubsub_bridge.health import HealthServer, HealthState
+from pubsub_bridge.health import HealthServer, HealthState, run_checks
 from pubsub_bridge.metrics import BridgeMetrics
 
 # No proxy from the environment may get between the test and 127.0.0.1.
@@ -64,8 +65,8 @@ def test_unhealthy_before_any_check_names_every_dependency(server: HealthServer)
     status, content_type, body = get(server, "/healthz")
     assert status == 503
     assert content_type.startswith("text/plain")
-    assert "prefect: no successful check yet" in body
-    assert "pubsub: no successful check yet" in body
+    assert "prefect: no answer yet (never answered)" in body
+    assert "pubsub: no answer yet (never answered)" in body
 
 
 def test_healthy_only_once_every_required_dependency_answered(
@@ -84,7 +85,8 @@ def test_failure_reason_is_reported(server: HealthServer, state: HealthState) ->
     state.failed("pubsub", "subscription projects/p/subscriptions/s does not exist")
     status, _, body = get(server, "/healthz")
     assert status == 503
-    assert body == "pubsub: subscription projects/p/subscriptions/s does not exist\n"
+    assert body == ("pubsub: subscription projects/p/subscriptions/s does not exist "
+                    "(never answered)\n")
 
 
 def test_stale_checks_make_it_unhealthy_again(server: HealthServer,
@@ -98,7 +100,7 @@ def test_stale_checks_make_it_unhealthy_again(server: HealthServer,
     time.sleep(0.3)
     status, _, body = get(server, "/healthz")
     assert status == 503
-    assert body == "prefect: connection refused\n"
+    assert body == "prefect: connection refused (last answered 0s ago)\n"
     state.ok("prefect")
     assert get(server, "/healthz")[0] == 200
 
@@ -176,3 +178,54 @@ def test_stop_closes_the_port_and_leaves_no_thread() -> None:
     assert thread not in threading.enumerate()
     with pytest.raises(urllib.error.URLError):
         _OPENER.open(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_a_hung_check_does_not_starve_the_other() -> None:
+    """Prefect accepting connections and never answering must not make Pub/Sub look stale."""
+    state = HealthState(max_age=30.0)
+    answered = 0
+
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    async def answers() -> None:
+        nonlocal answered
+        answered += 1
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        checks = asyncio.create_task(run_checks({"prefect": hangs, "pubsub": answers}, state,
+                                                stop, every=0.05, timeout=0.3))
+        # Positive signal: the hung probe has timed out once; meanwhile the other kept going.
+        while "prefect" not in state.last_error:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(checks, 5)
+
+    asyncio.run(scenario())
+    assert answered >= 3
+    assert state.problems(["pubsub"]) == []
+    assert state.problems(["prefect"]) == ["prefect: no answer within 0.3s (never answered)"]
+
+
+def test_a_failing_check_reports_its_error_and_recovers() -> None:
+    state = HealthState(max_age=30.0)
+    outcomes = iter([ConnectionRefusedError(), None])
+
+    async def flaky() -> None:
+        outcome = next(outcomes, None)
+        if outcome is not None:
+            raise outcome
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        checks = asyncio.create_task(run_checks({"prefect": flaky}, state, stop, every=0.01))
+        while "prefect" not in state.last_ok:
+            assert "prefect" in state.last_error or not state.last_ok
+            await asyncio.sleep(0.005)
+        stop.set()
+        await asyncio.wait_for(checks, 5)
+
+    asyncio.run(scenario())
+    assert state.problems(["prefect"]) == []
+    assert "prefect" not in state.last_error
