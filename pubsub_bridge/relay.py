@@ -24,6 +24,9 @@ from taxi_pipeline.event_delivery import EventDelivery
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
+# Longest wait for any one call to Prefect (emit, read back): past it the call is
+# abandoned and its events stay pending (or are nacked), as if the server were down.
+CALL_TIMEOUT = 15.0
 
 
 @dataclass
@@ -71,7 +74,7 @@ class Relay:
         if not fresh:
             return True
         try:
-            await self.delivery.emit([s.event for s in fresh])
+            await asyncio.wait_for(self.delivery.emit([s.event for s in fresh]), CALL_TIMEOUT)
         except Exception as exc:
             log.warning("emit failed for %d events (%s); they will be retried", len(fresh), exc)
             for sub in fresh:
@@ -90,13 +93,17 @@ class Relay:
         self.metrics.pending.set(len(self.pending))
         return True
 
-    async def confirm(self) -> int:
-        """Ack whatever is stored now; re-emit what is overdue. Returns how many were acked."""
+    async def confirm(self, timeout: float = CALL_TIMEOUT) -> int:
+        """Ack whatever is stored now; re-emit what is overdue. Returns how many were acked.
+
+        Each call to Prefect gets `timeout`: a server that accepts connections and
+        never answers must not hold the bridge (or its shutdown) hostage.
+        """
         if not self.pending:
             return 0
         events = [p.event for p in self.pending.values()]
         try:
-            stored = await self.delivery.stored(events)
+            stored = await asyncio.wait_for(self.delivery.stored(events), timeout)
         except Exception as exc:
             log.warning("cannot read events back (%s); %d events stay unacknowledged",
                         exc, len(events))
@@ -114,7 +121,7 @@ class Relay:
         overdue = [p for p in self.pending.values() if now - p.emitted_at > self.resend_after]
         if overdue:
             try:
-                await self.delivery.emit([p.event for p in overdue])
+                await asyncio.wait_for(self.delivery.emit([p.event for p in overdue]), timeout)
                 for item in overdue:
                     item.emitted_at = now
                     self.metrics.resent.inc()
@@ -131,12 +138,12 @@ class Relay:
         `tick` runs between rounds, for sources that must keep releasing new arrivals.
         """
         deadline = time.monotonic() + seconds
-        while self.pending and time.monotonic() < deadline:
-            await self.confirm()
+        while self.pending and (left := deadline - time.monotonic()) > 0:
+            await self.confirm(timeout=left)
             if tick is not None:
                 tick()
             if self.pending:
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         if self.pending:
             log.warning("%d events unconfirmed at shutdown; their sources will deliver them "
                         "again", len(self.pending))

@@ -37,6 +37,7 @@ READ_BATCH = 50
 # (Pub/Sub keeps unacknowledged messages at most 31 days); the server keeps the
 # first copy with its original time, so confirmation must look back that far.
 REDELIVERY_WINDOW = timedelta(days=31)
+CLOSE_TIMEOUT = 5.0
 
 
 class EventDelivery:
@@ -65,11 +66,11 @@ class EventDelivery:
 
     async def _close_events(self) -> None:
         if self._events is not None:
-            try:
-                await self._events.__aexit__(None, None, None)
+            events, self._events = self._events, None
+            try:  # a hung server must not stall the close handshake for long
+                await asyncio.wait_for(events.__aexit__(None, None, None), CLOSE_TIMEOUT)
             except Exception:  # the connection is being discarded anyway
                 log.debug("closing the events client failed", exc_info=True)
-            self._events = None
 
     async def emit(self, events: Iterable[Event]) -> None:
         """Send events; a broken connection is dropped so the next call reconnects."""
@@ -80,7 +81,7 @@ class EventDelivery:
                 self._events = client
             for event in events:
                 await self._events.emit(event)
-        except Exception:
+        except BaseException:  # a timeout's cancellation too: the connection is suspect
             await self._close_events()
             raise
 

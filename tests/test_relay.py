@@ -8,8 +8,10 @@ from collections.abc import Iterable
 from functools import partial
 from uuid import UUID
 
+import pytest
 from prefect.events import Event
 
+from pubsub_bridge import relay as relay_module
 from pubsub_bridge.metrics import BridgeMetrics
 from pubsub_bridge.relay import Relay, Submission
 from taxi_pipeline import events
@@ -28,16 +30,23 @@ class FakeDelivery:
         self.fail_stored = False
         self.stored_ids: set[UUID] = set()
         self.stored_calls: list[list[UUID]] = []
+        self.hang = False  # a server that accepts the call and never answers
+
+    async def _maybe_hang(self) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
 
     async def emit(self, events: Iterable[Event]) -> None:
         batch = list(events)
         self.attempts += 1
+        await self._maybe_hang()
         if self.fail_emit:
             raise ConnectionError("prefect server unreachable")
         self.emits.append(batch)
 
     async def stored(self, events: list[Event]) -> set[UUID]:
         self.stored_calls.append([e.id for e in events])
+        await self._maybe_hang()
         if self.fail_stored:
             raise ConnectionError("events API down")
         return {e.id for e in events if e.id in self.stored_ids}
@@ -289,3 +298,31 @@ def test_failing_stored_acks_nothing() -> None:
     delivery.fail_stored = False
     assert asyncio.run(relay.confirm()) == 1
     assert calls == [("ack", "a")]
+
+
+def test_drain_holds_its_limit_when_the_server_never_answers() -> None:
+    """SIGTERM with Prefect hung: shutdown takes the drain limit, not the client's retries."""
+    relay, delivery, metrics, calls = make()
+    a, b = event(1), event(2)
+
+    async def scenario() -> float:
+        await relay.submit([submission(a, calls, "a"), submission(b, calls, "b")])
+        delivery.hang = True
+        started = time.monotonic()
+        await asyncio.wait_for(relay.drain(1.0), 30)  # fail, not hang, if unbounded
+        return time.monotonic() - started
+
+    took = asyncio.run(scenario())
+    assert took < 2.0, f"drain took {took:.1f}s with a 1s limit"
+    assert sorted(calls) == [("nack", "a"), ("nack", "b")]
+    assert relay.pending == {}
+    assert metrics.value("nacked") == 2
+
+
+def test_a_hung_emit_is_abandoned_and_nacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay_module, "CALL_TIMEOUT", 0.2)
+    relay, delivery, _, calls = make()
+    delivery.hang = True
+    assert asyncio.run(relay.submit([submission(event(1), calls, "a")])) is False
+    assert calls == [("nack", "a")]
+    assert relay.pending == {}
