@@ -3,15 +3,23 @@
 A file that cannot be transformed at all is moved to quarantine/ with a
 `pipeline.object.quarantined` event saying why; the run still completes, so a
 bad file never turns into a retry loop.
+
+Same input, same output object: the output bytes depend only on the source
+generation (its bytes, URI, generation and landing time) and the code, and both
+outputs are published with `keep_unchanged`, so re-transforming a source
+generation leaves processed/ at its generation and the load answers
+`already_loaded` instead of replacing the rows with identical ones.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import Event, emit_event
 
 from flows.common import (
     RETRY_DELAYS,
@@ -46,20 +54,36 @@ def quarantine(store: ObjectStore, obj: ObjectRef, error: BadInputFile, settings
     return moved.uri
 
 
+def landed_at(obj: ObjectRef) -> datetime | None:
+    """When this source generation landed: the rows' `ingested_at`.
+
+    Fixed per generation (GCS `timeCreated`; the local store's change time, which
+    is its generation), unlike the transform's clock, so transforming the same
+    generation again writes the same bytes. None (the transform's clock) only
+    for a ref that carries no time at all.
+    """
+    stamp = obj.created or obj.updated
+    return stamp.astimezone(UTC) if stamp is not None else None
+
+
 @task(cache_policy=NO_CACHE, retries=TRANSIENT_RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_unless(BadInputFile, ObjectNotFound))
 def transform_object(
     store: ObjectStore, obj: ObjectRef, settings: Settings
 ) -> tuple[TransformStats, ObjectRef, ObjectRef]:
-    """Stream the object through the transform; publish rejects, then processed."""
+    """Stream the object through the transform; publish rejects, then processed.
+
+    An output already holding the same bytes is kept (same generation, no new
+    notification): see `transform` for how its load is still started.
+    """
     processed_name = sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix)
     rejects_name = sibling_name(obj.name, settings.raw_prefix, settings.rejects_prefix)
     # Exit order publishes rejects before processed: the processed object's
     # notification starts the load, so everything else must be in place first.
     with (
         store.open_read(obj) as source,
-        store.publish(processed_name) as processed_path,
-        store.publish(rejects_name) as rejects_path,
+        store.publish(processed_name, keep_unchanged=True) as processed_path,
+        store.publish(rejects_name, keep_unchanged=True) as rejects_path,
     ):
         stats = transform_parquet(
             source,
@@ -70,8 +94,38 @@ def transform_object(
             taxi_type=dataset_of(obj.name),
             month=month_of(obj.name),
             batch_rows=settings.batch_rows,
+            ingested_at=landed_at(obj),
         )
     return stats, store.ref(processed_name), store.ref(rejects_name)
+
+
+def current_generation(store: ObjectStore, name: str) -> int | None:
+    """The generation of `name` now, or None when there is no such object yet."""
+    try:
+        return store.ref(name).generation
+    except ObjectNotFound:
+        return None
+
+
+def output_of(before: int | None, processed: ObjectRef) -> str:
+    """`unchanged` when the processed object kept its generation, else `written`."""
+    return "unchanged" if before is not None and processed.generation == before else "written"
+
+
+def announce_kept(processed: ObjectRef, settings: Settings) -> Event | None:
+    """Re-emit the kept processed object's `storage.object.finalized`, so its load runs.
+
+    A kept object sends no notification, yet whoever re-ran the raw object (after
+    a lost load, say) expects it to end loaded. The event is the one reconcile,
+    `taxi-pipeline reemit` and recover send (`events.object_finalized`, fresh id,
+    reemit label), so the load automation treats it alike: the load answers
+    `already_loaded` without touching a row, or loads what was lost. It goes out
+    through the run's events worker like every other event of this flow; were it
+    lost, reconcile still finds the raw object unloaded and re-emits this object.
+    """
+    event = events.object_finalized(processed, settings.stage_prefixes, reemit=True)
+    return emit_event(event=event.event, resource=dict(event.resource), payload=event.payload,
+                      id=event.id, occurred=event.occurred)
 
 
 def _summary(obj: ObjectRef, stats: TransformStats) -> list[dict[str, Any]]:
@@ -95,6 +149,10 @@ def transform(object_uri: str, generation: int | None = None,
         return run.skipped
     settings, store, obj = run.settings, run.store, run.obj
     try:
+        # Read before the task (and its retries): an attempt that wrote and then
+        # failed counts as written, as it did make a new generation.
+        before = current_generation(
+            store, sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix))
         stats, processed, rejects = transform_object(store, obj, settings)
     except BadInputFile as error:
         quarantine_uri = quarantine(store, obj, error, settings)
@@ -103,6 +161,7 @@ def transform(object_uri: str, generation: int | None = None,
         emit(events.TRANSFORM_FAILED, obj, settings,
              payload={"error": f"{type(exc).__name__}: {exc}"})
         raise
+    output = output_of(before, processed)
     prefixes = settings.stage_prefixes
     emit(
         events.TRANSFORM_COMPLETED,
@@ -119,16 +178,22 @@ def transform(object_uri: str, generation: int | None = None,
             "rejected_by_reason": dict(stats.rejected),
             "processed_uri": processed.uri,
             "rejects_uri": rejects.uri,
+            "output": output,
         },
     )
+    if output == "unchanged":
+        announced = announce_kept(processed, settings)
+        logger.info("processed uri=%s generation=%s unchanged: re-emitted it (event %s) so "
+                    "the load runs", processed.uri, processed.generation,
+                    announced.id if announced else "not sent")
     create_table_artifact(
         key=artifact_key("transform", obj),
         table=_summary(obj, stats),
         description=f"Transform of `{obj.uri}` (generation {obj.generation})",
     )
     logger.info(
-        "transformed uri=%s rows_in=%d rows_out=%d rejected=%d -> %s",
-        obj.uri, stats.rows_in, stats.rows_out, stats.rows_rejected, processed.uri,
+        "transformed uri=%s rows_in=%d rows_out=%d rejected=%d -> %s output=%s",
+        obj.uri, stats.rows_in, stats.rows_out, stats.rows_rejected, processed.uri, output,
     )
     return {
         "status": "completed",
@@ -136,4 +201,5 @@ def transform(object_uri: str, generation: int | None = None,
         "rows_out": stats.rows_out,
         "rejected": dict(stats.rejected),
         "processed_uri": processed.uri,
+        "output": output,
     }

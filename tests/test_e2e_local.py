@@ -32,7 +32,7 @@ from flows.transform_core import transform_parquet
 from taxi_pipeline import events
 from taxi_pipeline.event_delivery import EventDelivery
 from taxi_pipeline.local_stack import LocalStack
-from taxi_pipeline.objects import month_of
+from taxi_pipeline.objects import month_of, sibling_name
 from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage.local import LocalStore
@@ -222,6 +222,8 @@ def test_reemit_runs_the_chain_again_and_status_tells_the_story(
     ref = LocalStore(settings.bucket_dir).ref(name)
     assert wait_loaded(settings, ref_uri, ref.generation) == sample.expected_good
     runs = flow_run_count(settings.transform_deployment)
+    processed = LocalStore(settings.bucket_dir).ref(
+        sibling_name(name, settings.raw_prefix, settings.processed_prefix))
 
     assert main(["reemit", name]) == 0
     assert "(stored)" in capsys.readouterr().out
@@ -229,10 +231,16 @@ def test_reemit_runs_the_chain_again_and_status_tells_the_story(
     while flow_run_count(settings.transform_deployment) == runs:
         assert time.monotonic() < deadline, "re-emit started no transform run"
         time.sleep(0.5)
-    wait_events([events.LOAD_COMPLETED], ref_uri.replace("/raw/", "/processed/"), at_least=2,
-                timeout=LOAD_TIMEOUT)
+    loads = wait_events([events.LOAD_COMPLETED], processed.uri, at_least=2,
+                        timeout=LOAD_TIMEOUT)
     assert DuckDBWarehouse(settings.warehouse_file).rows_for(settings.table, ref_uri) == \
         sample.expected_good
+    # Same source generation, same bytes: the processed object kept its generation,
+    # the transform re-emitted it itself, and the load left every row in place.
+    assert LocalStore(settings.bucket_dir).ref(processed.name) == processed
+    assert max(loads, key=lambda e: e.occurred).payload["status"] == "already_loaded"
+    transforms = wait_events([events.TRANSFORM_COMPLETED], ref_uri, at_least=2)
+    assert max(transforms, key=lambda e: e.occurred).payload["output"] == "unchanged"
 
     assert main(["status", name]) == 0
     story = capsys.readouterr().out

@@ -258,6 +258,61 @@ def test_publish_uploads_nothing_when_the_block_fails(store: GcsStore, prefix: s
         store.ref(prefix + "x.parquet")
 
 
+def put_kept(store: GcsStore, name: str, data: bytes, **options: Any) -> ObjectRef:
+    with store.publish(name, keep_unchanged=True, **options) as path:
+        path.write_bytes(data)
+    return store.ref(name)
+
+
+def test_keep_unchanged_uploads_nothing_for_the_same_bytes(store: GcsStore, prefix: str) -> None:
+    first = put(store, prefix + "x.parquet", b"same bytes")
+    kept = put_kept(store, prefix + "x.parquet", b"same bytes")
+    assert kept == first  # same generation, and no metadata change either
+    assert (kept.updated, kept.extra) == (first.updated, first.extra)
+    # without the flag the same bytes are a new generation (and a notification)
+    again = put(store, prefix + "x.parquet", b"same bytes")
+    assert again.generation > first.generation
+
+
+@pytest.mark.parametrize("new", [b"other bytes, other size", b"same size, other b"])
+def test_keep_unchanged_uploads_different_bytes(store: GcsStore, prefix: str, new: bytes) -> None:
+    first = put(store, prefix + "x.parquet", b"same size, first b")
+    second = put_kept(store, prefix + "x.parquet", new)
+    assert second.generation > first.generation
+    assert read(store, second) == new
+
+
+def test_keep_unchanged_creates_an_absent_object(store: GcsStore, prefix: str) -> None:
+    created = put_kept(store, prefix + "x.parquet", b"first")
+    assert read(store, created) == b"first"
+
+
+def test_keep_unchanged_still_checks_the_precondition(store: GcsStore, prefix: str) -> None:
+    first = put(store, prefix + "x.parquet", b"same")
+    with pytest.raises(PreconditionFailed):
+        put_kept(store, prefix + "x.parquet", b"same", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        put_kept(store, prefix + "x.parquet", b"other", if_generation_match=0)
+    assert put_kept(store, prefix + "x.parquet", b"same",
+                    if_generation_match=first.generation) == first
+
+
+def test_keep_unchanged_uploads_over_an_object_without_md5(
+        store: GcsStore, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Composite objects have no md5 in GCS: they count as changed (compared by nothing)."""
+    first = put(store, prefix + "x.parquet", b"same bytes")
+    real_get_blob = store._bucket.get_blob
+
+    def composite(*args: Any, **kwargs: Any) -> Any:
+        blob = real_get_blob(*args, **kwargs)
+        if blob is not None:
+            blob.md5_hash = None
+        return blob
+
+    monkeypatch.setattr(store._bucket, "get_blob", composite)
+    assert put_kept(store, prefix + "x.parquet", b"same bytes").generation > first.generation
+
+
 # -- move ---------------------------------------------------------------------------------
 
 
@@ -326,6 +381,12 @@ def test_transform_streams_a_month_from_and_to_the_bucket(
     assert set(table.column("source_uri").unique().to_pylist()) == {obj.uri}
     with store.open_read(rejects) as handle:
         assert pq.read_metadata(handle).num_rows == sum(sample.expected_rejects.values())
+    assert set(table.column("ingested_at").to_pylist()) == {obj.created}
+
+    # The same generation again: same bytes, so both outputs keep their generation
+    # (nothing uploaded, no notification, the load would answer already_loaded).
+    again = transform_object.fn(store, obj, flow_settings)
+    assert again[1:] == (processed, rejects)
 
 
 def test_a_non_parquet_object_is_refused_and_can_be_quarantined(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +17,7 @@ import pytest
 from pubsub_bridge.directory_source import DirectorySource, has_parquet_footer
 from pubsub_bridge.metrics import BridgeMetrics
 from taxi_pipeline.settings import get_settings
-from taxi_pipeline.storage.base import ObjectNotFound, PreconditionFailed
+from taxi_pipeline.storage.base import ObjectNotFound, PreconditionFailed, content_md5
 from taxi_pipeline.storage.local import LocalStore, is_partial_name
 
 RAW = "raw/yellow/2024/yellow_tripdata_2024-01.parquet"
@@ -118,6 +121,79 @@ def test_generation_changes_when_rewritten(store: LocalStore) -> None:
     assert store.ref(RAW).generation not in (first.generation, second.generation)
 
 
+def publish_bytes(store: LocalStore, name: str, data: bytes, **options: Any) -> None:
+    with store.publish(name, **options) as path:
+        path.write_bytes(data)
+
+
+def test_keep_unchanged_keeps_the_generation_and_mtime_of_the_same_bytes(
+        store: LocalStore, tmp_path: Path) -> None:
+    data = parquet_bytes(tmp_path)
+    publish_bytes(store, RAW, data)
+    before, st = store.ref(RAW), (store.root / RAW).stat()
+    time.sleep(0.01)  # a replacement would get a later change time
+    publish_bytes(store, RAW, data, keep_unchanged=True)
+    after, st_after = store.ref(RAW), (store.root / RAW).stat()
+    assert after == before
+    assert (st_after.st_ino, st_after.st_mtime_ns, st_after.st_ctime_ns) == (
+        st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    # the temporary file is gone too
+    assert os.listdir((store.root / RAW).parent) == ["yellow_tripdata_2024-01.parquet"]
+
+
+@pytest.mark.parametrize("new", [b"other bytes, other size", b"same size, other b"])
+def test_keep_unchanged_replaces_different_bytes(store: LocalStore, new: bytes) -> None:
+    publish_bytes(store, RAW, b"same size, first b")
+    before = store.ref(RAW)
+    time.sleep(0.01)
+    publish_bytes(store, RAW, new, keep_unchanged=True)
+    assert (store.root / RAW).read_bytes() == new
+    assert store.ref(RAW).generation > before.generation
+    assert os.listdir((store.root / RAW).parent) == ["yellow_tripdata_2024-01.parquet"]
+
+
+def test_keep_unchanged_creates_an_absent_object(store: LocalStore) -> None:
+    publish_bytes(store, RAW, b"first", keep_unchanged=True)
+    assert (store.root / RAW).read_bytes() == b"first"
+    assert store.ref(RAW).size == 5
+
+
+def test_without_keep_unchanged_the_same_bytes_are_a_new_generation(store: LocalStore) -> None:
+    publish_bytes(store, RAW, b"same")
+    before = store.ref(RAW)
+    time.sleep(0.01)
+    publish_bytes(store, RAW, b"same")
+    assert store.ref(RAW).generation > before.generation
+
+
+def test_keep_unchanged_checks_the_precondition_first(store: LocalStore) -> None:
+    publish_bytes(store, RAW, b"same")
+    before = store.ref(RAW)
+    with pytest.raises(PreconditionFailed):
+        publish_bytes(store, RAW, b"same", keep_unchanged=True, if_generation_match=0)
+    publish_bytes(store, RAW, b"same", keep_unchanged=True, if_generation_match=before.generation)
+    assert store.ref(RAW) == before
+
+
+def test_md5_is_base64_like_gcs_and_shared_with_publish(store: LocalStore, tmp_path: Path
+                                                         ) -> None:
+    data = parquet_bytes(tmp_path)
+    write(store, RAW, data)
+    expected = base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert store.md5(RAW) == expected == content_md5(store.root / RAW)
+
+
+def test_created_is_when_the_generation_came_to_be(store: LocalStore) -> None:
+    path = write(store, RAW, b"x")
+    old = time.time() - 86_400 * 365
+    os.utime(path, (old, old))  # as `cp -p` leaves it: an old mtime, a new ctime
+    ref = store.ref(RAW)
+    assert ref.created is not None and ref.created.tzinfo is not None
+    assert ref.created.timestamp() == pytest.approx(ref.generation / 1e6, abs=1e-6)
+    assert abs(ref.created.timestamp() - time.time()) < 60
+    assert ref.updated is not None and ref.updated.timestamp() == pytest.approx(old, abs=1e-3)
+
+
 def test_generation_is_stable_while_unchanged(store: LocalStore) -> None:
     write(store, RAW, b"x")
     assert store.ref(RAW).generation == store.ref(RAW).generation
@@ -142,6 +218,12 @@ def test_missing_object(store: LocalStore) -> None:
     path.unlink()
     with pytest.raises(ObjectNotFound), store.open_read(ref):
         pass
+
+
+def test_a_file_where_a_folder_would_be_is_no_object_below_it(store: LocalStore) -> None:
+    write(store, "processed/yellow/2024", b"in the way")
+    with pytest.raises(ObjectNotFound):
+        store.ref("processed/yellow/2024/yellow_tripdata_2024-01.parquet")
 
 
 def test_move(store: LocalStore) -> None:

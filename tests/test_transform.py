@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,13 +18,20 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
+import flows.transform as transform_flow
 import flows.transform_core as transform_core
 from flows import quality
+from flows.common import RunContext
 from flows.quality import RULES, month_bounds, reject_reasons
 from flows.tlc_schema import CANONICAL_SCHEMA, REJECTS_SCHEMA
+from flows.transform import current_generation, output_of, transform_object
 from flows.transform_core import BadInputFile, TransformStats, transform_parquet
+from taxi_pipeline import events
 from taxi_pipeline.lineage import METADATA_SOURCE_GENERATION, METADATA_SOURCE_URI
-from taxi_pipeline.sample_data import generate_month, write_month
+from taxi_pipeline.objects import ObjectRef, sibling_name
+from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.settings import Settings, get_settings
+from taxi_pipeline.storage.local import LocalStore
 
 INGESTED_AT = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SOURCE_URI = "file:///bucket/raw/yellow/2024/yellow_tripdata_2024-01.parquet"
@@ -625,6 +635,25 @@ def test_same_input_gives_identical_output(tmp_path: Path) -> None:
     assert first.processed.num_rows > 0
 
 
+def test_same_input_gives_identical_output_bytes(tmp_path: Path) -> None:
+    """Same source bytes, lineage and code: byte-identical files, so a store can keep them."""
+    path = _good_parquet(tmp_path / "yellow_tripdata_2024-01.parquet", rows=3_000)
+    first = run(path, tmp_path, tag="first", batch_rows=1_024)
+    second = run(path, tmp_path, tag="second", batch_rows=1_024)
+    assert first.stats.rows_rejected > 0  # both files have content to compare
+    assert first.processed_path.read_bytes() == second.processed_path.read_bytes()
+    assert first.rejects_path.read_bytes() == second.rejects_path.read_bytes()
+
+
+def test_the_transform_clock_makes_different_bytes(tmp_path: Path) -> None:
+    """Why the flow passes the source's landing time as `ingested_at`, not the clock."""
+    path = _good_parquet(tmp_path / "yellow_tripdata_2024-01.parquet", rows=500)
+    first = run(path, tmp_path, tag="first", ingested_at=None)
+    time.sleep(0.002)
+    second = run(path, tmp_path, tag="second", ingested_at=None)
+    assert first.processed_path.read_bytes() != second.processed_path.read_bytes()
+
+
 def test_only_ingested_at_differs_between_runs(tmp_path: Path) -> None:
     path = _good_parquet(tmp_path / "yellow_tripdata_2024-01.parquet", rows=1_000)
     first = run(path, tmp_path, tag="first", ingested_at=None)
@@ -637,3 +666,113 @@ def test_only_ingested_at_differs_between_runs(tmp_path: Path) -> None:
     (stamp,) = stamps
     assert stamp.tzinfo is not None
     assert abs((datetime.now(UTC) - stamp).total_seconds()) < 300
+
+
+# -- (g) the flow's task: same source generation, same output objects ---------------------
+
+
+def _raw_object(store: LocalStore, settings: Settings, path: Path) -> ObjectRef:
+    name = raw_object_name(settings.raw_prefix, "yellow", 2024, 1)
+    with store.publish(name) as target:
+        shutil.copyfile(path, target)
+    return store.ref(name)
+
+
+def test_transforming_a_generation_again_keeps_both_outputs(tmp_path: Path) -> None:
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    obj = _raw_object(store, settings, _good_parquet(tmp_path / "src.parquet", rows=3_000))
+    before = current_generation(store, sibling_name(obj.name, settings.raw_prefix,
+                                                    settings.processed_prefix))
+    assert before is None
+    stats, processed, rejects = transform_object.fn(store, obj, settings)
+    assert stats.rows_rejected > 0
+    assert output_of(before, processed) == "written"
+    table = pq.read_table(store.root / processed.name)
+    assert set(table.column("ingested_at").to_pylist()) == {obj.created}
+    processed_bytes = (store.root / processed.name).read_bytes()
+
+    time.sleep(0.01)  # a rewrite would get a later generation
+    again_stats, again_processed, again_rejects = transform_object.fn(store, obj, settings)
+    assert again_stats == stats
+    assert (again_processed, again_rejects) == (processed, rejects)
+    assert output_of(processed.generation, again_processed) == "unchanged"
+    assert (store.root / processed.name).read_bytes() == processed_bytes
+
+
+def test_a_new_generation_of_the_same_bytes_is_written_again(tmp_path: Path) -> None:
+    """Its rows carry the new source generation: the load must replace them."""
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    source = _good_parquet(tmp_path / "src.parquet", rows=1_000)
+    first = _raw_object(store, settings, source)
+    _, processed, _ = transform_object.fn(store, first, settings)
+    time.sleep(0.01)
+    second = _raw_object(store, settings, source)
+    assert second.generation > first.generation
+    _, again, _ = transform_object.fn(store, second, settings)
+    assert output_of(processed.generation, again) == "written"
+    assert again.generation > processed.generation
+    assert pq.read_schema(store.root / again.name).metadata[METADATA_SOURCE_GENERATION] == \
+        str(second.generation).encode()
+
+
+def test_a_kept_processed_object_is_announced_like_a_reemit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(transform_flow, "emit_event", lambda **kwargs: sent.append(kwargs))
+    settings = get_settings()
+    processed = ObjectRef(bucket="b", name="processed/yellow/2024/yellow_tripdata_2024-01.parquet",
+                          generation=42, size=10)
+    transform_flow.announce_kept(processed, settings)
+    (kwargs,) = sent
+    expected = events.object_finalized(processed, settings.stage_prefixes, reemit=True)
+    assert kwargs["event"] == events.OBJECT_FINALIZED
+    assert kwargs["resource"] == dict(expected.resource)
+    assert kwargs["resource"][events.LABEL_REEMIT] == "true"
+    assert kwargs["resource"][events.LABEL_STAGE] == events.STAGE_PROCESSED
+    assert kwargs["resource"][events.LABEL_GENERATION] == "42"
+    assert kwargs["payload"] == expected.payload
+
+
+def test_the_flow_re_emits_a_kept_processed_object_and_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flow's wiring, with Prefect's run context, API and events stubbed out."""
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    obj = _raw_object(store, settings, _good_parquet(tmp_path / "src.parquet", rows=1_000))
+    emitted: list[tuple[str, dict[str, Any]]] = []
+    reemitted: list[dict[str, Any]] = []
+    monkeypatch.setattr(transform_flow, "get_run_logger", lambda: logging.getLogger("t"))
+    monkeypatch.setattr(transform_flow, "begin",
+                        lambda *args: RunContext(settings, store, store.ref(obj.name), {}))
+    monkeypatch.setattr(transform_flow, "transform_object", transform_object.fn)
+    monkeypatch.setattr(transform_flow, "create_table_artifact", lambda **kwargs: None)
+    monkeypatch.setattr(transform_flow, "emit", lambda name, obj, settings, **kw: emitted.append(
+        (name, kw["payload"])))
+    monkeypatch.setattr(transform_flow, "emit_event", lambda **kw: reemitted.append(kw))
+
+    first = transform_flow.transform.fn(obj.uri, obj.generation)
+    assert first["output"] == "written"
+    assert emitted[-1][0] == events.TRANSFORM_COMPLETED
+    assert emitted[-1][1]["output"] == "written"
+    assert reemitted == []
+    processed = store.ref(sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix))
+
+    time.sleep(0.01)
+    second = transform_flow.transform.fn(obj.uri, obj.generation)
+    assert second["output"] == "unchanged"
+    assert emitted[-1][1]["output"] == "unchanged"
+    assert store.ref(processed.name) == processed
+    (event,) = reemitted
+    assert event["event"] == events.OBJECT_FINALIZED
+    assert event["resource"]["prefect.resource.id"] == processed.uri
+    assert event["resource"][events.LABEL_GENERATION] == str(processed.generation)
+    assert event["resource"][events.LABEL_REEMIT] == "true"
+
+
+def test_output_of() -> None:
+    ref = ObjectRef(bucket="b", name="processed/x.parquet", generation=7)
+    assert output_of(None, ref) == "written"
+    assert output_of(6, ref) == "written"
+    assert output_of(7, ref) == "unchanged"

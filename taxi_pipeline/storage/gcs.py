@@ -21,7 +21,7 @@ from google.cloud.storage.fileio import BlobReader
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from taxi_pipeline.objects import ObjectRef, parse_uri
-from taxi_pipeline.storage.base import ObjectNotFound, PreconditionFailed
+from taxi_pipeline.storage.base import ObjectNotFound, PreconditionFailed, content_md5
 
 # Bytes fetched per ranged GET while streaming: pyarrow asks for a row group's column
 # chunks one by one, so this bounds memory to a few chunks, never the whole file.
@@ -147,18 +147,46 @@ class GcsStore:
         with reader:
             yield cast(BinaryIO, reader)
 
+    def _holds_same_bytes(self, name: str, written: Path, if_generation_match: int | None
+                          ) -> bool:
+        """True when object `name` already has `written`'s content md5 (and may be kept).
+
+        GCS keeps each object's md5 in its metadata, so this costs one metadata
+        GET and a local hash, never a download. Composite objects have no md5
+        (`md5_hash` None) and count as changed. A current object that fails
+        `if_generation_match` raises PreconditionFailed, as the upload would.
+        """
+        current = self._bucket.get_blob(name, retry=DEFAULT_RETRY)
+        if current is None or current.md5_hash is None:
+            return False
+        if current.size != written.stat().st_size or current.md5_hash != content_md5(written):
+            return False
+        if if_generation_match is not None and current.generation != if_generation_match:
+            raise PreconditionFailed(
+                f"{self._uri(name)}: generation is {current.generation}, "
+                f"not {if_generation_match}; not kept")
+        return True
+
     @contextmanager
-    def publish(self, name: str, if_generation_match: int | None = None) -> Iterator[Path]:
+    def publish(self, name: str, if_generation_match: int | None = None,
+                keep_unchanged: bool = False) -> Iterator[Path]:
         """Write to a local temporary file; upload it only if the block ends cleanly.
 
         GCS uploads are atomic, so readers and notifications only ever see the
         finished object. The temporary file is removed whatever happens.
+
+        With `keep_unchanged`, an object that already holds the same bytes is not
+        uploaded again: it keeps its generation, and GCS sends no OBJECT_FINALIZE
+        notification (a re-upload would, and would make a new generation of the
+        same bytes).
         """
         fd, tmp_name = tempfile.mkstemp(prefix="taxi-publish-", suffix=Path(name).suffix)
         os.close(fd)
         tmp = Path(tmp_name)
         try:
             yield tmp
+            if keep_unchanged and self._holds_same_bytes(name, tmp, if_generation_match):
+                return
             blob = self._bucket.blob(name)
             try:
                 # Outputs are deterministic, so even an unconditional upload is safe to

@@ -14,8 +14,6 @@ go through `entries`, so what counts as an object is decided in one place.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import mimetypes
 import os
 import stat
@@ -28,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from taxi_pipeline.objects import ObjectRef, parse_uri
-from taxi_pipeline.storage.base import ObjectNotFound, PreconditionFailed
+from taxi_pipeline.storage.base import ObjectNotFound, PreconditionFailed, content_md5
 
 # Names the directory source and listings skip: editors' and copy tools' partial files.
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", ".download", "_COPYING_")
@@ -86,6 +84,12 @@ def has_parquet_footer(path: Path, *, strict: bool = False) -> bool:
 
 def generation_of(st: os.stat_result) -> int:
     return max(st.st_mtime_ns, st.st_ctime_ns) // 1000
+
+
+def generation_time(generation: int) -> datetime:
+    """When a local generation came to be (its microseconds as a UTC time), exactly."""
+    seconds, micros = divmod(generation, 1_000_000)
+    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
 
 
 def file_kind(mode: int) -> str:
@@ -155,13 +159,17 @@ class LocalStore:
         return resolved.relative_to(self.root).as_posix()
 
     def _ref(self, name: str, path: Path, stat: os.stat_result) -> ObjectRef:
+        # `created` is when this generation came to be, as GCS's timeCreated is per
+        # generation: the change time, not the mtime a `cp -p` carries over.
+        generation = generation_of(stat)
         return ObjectRef(
             bucket=self.bucket,
             name=name,
-            generation=generation_of(stat),
+            generation=generation,
             scheme=self.scheme,
             size=stat.st_size,
             content_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
+            created=generation_time(generation),
             updated=datetime.fromtimestamp(stat.st_mtime, UTC),
         )
 
@@ -176,7 +184,8 @@ class LocalStore:
             raise ValueError(f"object name {name!r} escapes the bucket directory {self.root}")
         try:
             st = lexical.lstat()
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            # NotADirectoryError: a file stands where a folder of the name would be.
             raise ObjectNotFound(f"{lexical} does not exist") from exc
         path = lexical.resolve()
         if path != lexical:
@@ -187,11 +196,8 @@ class LocalStore:
 
     def md5(self, name: str) -> str:
         """Base64, as GCS reports it, so payloads look alike in every profile."""
-        digest = hashlib.md5(usedforsecurity=False)
         with open_regular(self._path(name)) as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return base64.b64encode(digest.digest()).decode()
+            return content_md5(handle)
 
     @contextmanager
     def open_read(self, obj: ObjectRef) -> Iterator[BinaryIO]:
@@ -217,8 +223,28 @@ class LocalStore:
                 f"{name}: expected generation {if_generation_match}, found {current}"
             )
 
+    def _holds_same_bytes(self, target: Path, written: Path) -> bool:
+        """True when `target` is a regular file with the same content md5 as `written`.
+
+        Sizes are compared first, so a changed file of another size costs no hashing.
+        """
+        try:
+            with open_regular(target) as handle:
+                if os.fstat(handle.fileno()).st_size != written.stat().st_size:
+                    return False
+                return content_md5(handle) == content_md5(written)
+        except (FileNotFoundError, NotARegularFile):
+            return False
+
     @contextmanager
-    def publish(self, name: str, if_generation_match: int | None = None) -> Iterator[Path]:
+    def publish(self, name: str, if_generation_match: int | None = None,
+                keep_unchanged: bool = False) -> Iterator[Path]:
+        """Write to a hidden temporary file beside the target; os.replace it on clean exit.
+
+        With `keep_unchanged`, a target that already holds the same bytes is left
+        alone: its mtime and ctime, hence its generation, stay as they were, and
+        the directory source sees no new file to announce.
+        """
         target = self._path(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         # A hidden temporary name in the same directory: invisible to the watcher,
@@ -229,6 +255,8 @@ class LocalStore:
         try:
             yield tmp
             self._check_generation(target, name, if_generation_match)
+            if keep_unchanged and self._holds_same_bytes(target, tmp):
+                return
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
