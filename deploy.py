@@ -33,7 +33,7 @@ from flows.load import load
 from flows.reconcile import reconcile
 from flows.recover import recover
 from flows.transform import transform
-from taxi_pipeline.settings import Settings, get_settings
+from taxi_pipeline.settings import GCP_NAME_SETTINGS, Settings, SettingsError, get_settings
 
 log = logging.getLogger("deploy")
 
@@ -229,6 +229,18 @@ def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
     if args.image:
         settings = settings.model_copy(update={"image": args.image})
+    also = []
+    if pool_type(settings) == "kubernetes" and not settings.image:
+        also.append(f"TAXI_IMAGE is not set: profile {settings.profile!r} runs flows on a "
+                    "kubernetes work pool and needs their image; set it, or pass --image "
+                    "REGION-docker.pkg.dev/PROJECT/REPO/taxi-pipeline@sha256:...")
+    try:
+        # Names left unset are not refused: on GKE the flows read theirs from the
+        # taxi-config ConfigMap, not from this process (CI sets only TAXI_PROFILE).
+        settings.validate_for_profile(also, optional=GCP_NAME_SETTINGS)
+    except SettingsError as exc:
+        # A user error: the message says what to set; no traceback.
+        raise SystemExit(f"error: {exc}") from None
     deploy(settings)
 
 

@@ -12,7 +12,7 @@ import signal
 
 from pubsub_bridge.health import HealthServer, HealthState
 from pubsub_bridge.metrics import BridgeMetrics
-from taxi_pipeline.settings import get_settings
+from taxi_pipeline.settings import SettingsError, get_settings
 
 
 async def _main() -> None:
@@ -43,6 +43,12 @@ async def _main() -> None:
 
 
 def main() -> None:
+    try:
+        # Bad GCP names fail here, in a second, instead of at the first pull or load.
+        # Without TAXI_BUCKET the bridge relays notifications of any bucket.
+        get_settings().validate_for_profile(optional=("bucket",))
+    except SettingsError as exc:
+        raise SystemExit(f"error: {exc}") from None
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

@@ -28,7 +28,7 @@ from taxi_pipeline.event_delivery import EventDelivery
 from taxi_pipeline.local_stack import LocalStack
 from taxi_pipeline.objects import ObjectRef, sibling_name
 from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
-from taxi_pipeline.settings import Settings, get_settings
+from taxi_pipeline.settings import Settings, SettingsError, get_settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
 from taxi_pipeline.warehouse import warehouse_from_settings
 
@@ -37,10 +37,15 @@ log = logging.getLogger("taxi_pipeline")
 
 def _require_local(settings: Settings, command: str) -> None:
     if settings.profile != "local":
-        raise SystemExit(
+        message = (
             f"`taxi-pipeline {command}` runs the embedded local profile; TAXI_PROFILE is "
             f"{settings.profile!r}. Unset it, or deploy with `python -m deploy` instead."
         )
+        try:
+            settings.validate_for_profile()
+        except SettingsError as exc:
+            message += f"\n{exc}"
+        raise SystemExit(message)
 
 
 def _print_stack(stack: LocalStack, settings: Settings) -> None:
@@ -185,6 +190,13 @@ async def _reemit(settings: Settings, targets: list[str]) -> int:
     return 0 if len(stored) == len(to_send) else 1
 
 
+def _valid_settings() -> Settings:
+    """The settings, checked for the profile (GCP names) before anything starts."""
+    settings = get_settings()
+    settings.validate_for_profile()
+    return settings
+
+
 def _with_api(settings: Settings, coroutine: Coroutine[Any, Any, int]) -> int:
     """Run against PREFECT_API_URL, or else the server `taxi-pipeline up` started."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -203,7 +215,7 @@ def _with_api(settings: Settings, coroutine: Coroutine[Any, Any, int]) -> int:
 
 def cmd_reemit(args: argparse.Namespace) -> int:
     """Re-emit `storage.object.finalized` (fresh id, reemit label): run the chain again."""
-    settings = get_settings()
+    settings = _valid_settings()
     return _with_api(settings, _reemit(settings, args.objects))
 
 
@@ -269,7 +281,7 @@ async def _reconcile(settings: Settings, older_than: timedelta, dry_run: bool) -
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Re-emit raw objects that landed but never reached the warehouse."""
-    settings = get_settings()
+    settings = _valid_settings()
     minutes = (settings.reconcile_after_minutes if args.older_than_minutes is None
                else args.older_than_minutes)
     return _with_api(settings, _reconcile(settings, timedelta(minutes=minutes), args.dry_run))
@@ -277,18 +289,21 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """The story of one object: its events and what the warehouse holds of it."""
-    settings = get_settings()
+    settings = _valid_settings()
     return _with_api(settings, _status(settings, args.object))
 
 
 def cmd_gcp_setup(args: argparse.Namespace) -> int:
     """Create bucket, topics, subscriptions and notifications (idempotent)."""
-    from taxi_pipeline.gcp_setup import setup
-
     settings = get_settings()
     if settings.profile == "local":
         raise SystemExit("`taxi-pipeline gcp setup` needs TAXI_PROFILE=gcp (or emulator), "
                          "TAXI_GCP_PROJECT and TAXI_BUCKET")
+    # Before the Google clients are even imported: a bad name fails here, in
+    # seconds, instead of at the first load.
+    settings.validate_for_profile()
+    from taxi_pipeline.gcp_setup import setup
+
     for line in setup(settings):
         print(line)
     return 0

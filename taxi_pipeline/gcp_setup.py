@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from google.pubsub_v1.types import DeadLetterPolicy, RetryPolicy, Subscription
 
 from taxi_pipeline import gcp_clients
-from taxi_pipeline.settings import Settings
+from taxi_pipeline.settings import DEAD_LETTER_SUBSCRIPTION_SUFFIX, Settings
 
 # Redelivery backoff: long enough that a failing Prefect server is not hammered,
 # short enough that a transient failure heals within minutes.
@@ -44,7 +44,8 @@ def setup(settings: Settings) -> list[str]:
         raise ValueError(
             "the local profile uses a directory and a watcher: nothing to set up on GCP"
         )
-    settings.require("bucket", "gcp_project")
+    # Every name at once, with the rule each breaks (and the missing ones).
+    settings.validate_for_profile()
     project = settings.gcp_project
     gcs = gcp_clients.storage_client(settings)
     publisher = gcp_clients.publisher_client(settings)
@@ -54,7 +55,7 @@ def setup(settings: Settings) -> list[str]:
     dead_letter_topic = publisher.topic_path(project, settings.pubsub_dead_letter_topic)
     subscription = subscriber.subscription_path(project, settings.pubsub_subscription)
     dead_letter_subscription = subscriber.subscription_path(
-        project, f"{settings.pubsub_dead_letter_topic}-sub"
+        project, settings.pubsub_dead_letter_topic + DEAD_LETTER_SUBSCRIPTION_SUFFIX
     )
 
     lines = [

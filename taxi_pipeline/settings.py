@@ -8,6 +8,7 @@ then from the defaults below, which give the embedded `local` profile.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -15,7 +16,31 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from taxi_pipeline import gcp_names
+
 Profile = Literal["local", "emulator", "gcp"]
+
+# The names the emulator and gcp profiles hand to Google, and the rule of each.
+GCP_NAME_SETTINGS: dict[str, gcp_names.NameRule] = {
+    "gcp_project": gcp_names.PROJECT_ID,
+    "bucket": gcp_names.BUCKET,
+    "bq_dataset": gcp_names.DATASET,
+    "table": gcp_names.TABLE,
+    "pubsub_topic": gcp_names.PUBSUB_TOPIC,
+    "pubsub_subscription": gcp_names.PUBSUB_SUBSCRIPTION,
+    "pubsub_dead_letter_topic": gcp_names.PUBSUB_TOPIC,
+}
+# `gcp setup` names the dead-letter topic's subscription after the topic.
+DEAD_LETTER_SUBSCRIPTION_SUFFIX = "-sub"
+
+
+class SettingsError(RuntimeError):
+    """Settings a profile cannot run with; the message names each variable and the fix."""
+
+
+def variable(name: str) -> str:
+    """The environment variable of a settings field."""
+    return f"TAXI_{name.upper()}"
 
 
 def _default_home() -> Path:
@@ -198,10 +223,60 @@ class Settings(BaseSettings):
         """Fail early, naming the variables to set, when a profile lacks a value."""
         missing = [n for n in names if not getattr(self, n)]
         if missing:
-            variables = ", ".join(f"TAXI_{n.upper()}" for n in missing)
-            raise RuntimeError(
+            variables = ", ".join(variable(n) for n in missing)
+            raise SettingsError(
                 f"profile {self.profile!r} needs {variables}: set them in the environment "
                 f"or in the settings file (TAXI_SETTINGS_FILE)."
+            )
+
+    def gcp_name_problems(self, *, optional: Collection[str] = ()) -> list[str]:
+        """One line per GCP name the profile cannot use (none for `local`).
+
+        Each line names the variable, its value, the rule and a valid example.
+        `optional`: fields that may be unset (checked only when set).
+        """
+        if self.profile == "local":
+            return []
+        problems = []
+        for name, rule in GCP_NAME_SETTINGS.items():
+            value: str = getattr(self, name)
+            default = type(self).model_fields[name].default
+            example = f"{variable(name)}={default or rule.example}"
+            if not value:
+                if name in optional:
+                    continue
+                problems.append(f"{variable(name)} is not set: profile {self.profile!r} "
+                                f"needs a {rule.what} ({rule.rule}); e.g. {example}")
+                continue
+            problem = rule.problem(value)
+            if problem is None and name == "pubsub_dead_letter_topic":
+                problem = gcp_names.PUBSUB_SUBSCRIPTION.problem(
+                    value + DEAD_LETTER_SUBSCRIPTION_SUFFIX)
+                if problem is not None:
+                    problem = (f"its subscription {value}{DEAD_LETTER_SUBSCRIPTION_SUFFIX} "
+                               f"breaks the rule: {problem}")
+            if problem is not None:
+                problems.append(f"{variable(name)}={value!r} is not a valid {rule.what}: "
+                                f"{problem}; e.g. {example}")
+        return problems
+
+    def validate_for_profile(self, also: Sequence[str] = (), *,
+                             optional: Collection[str] = ()) -> None:
+        """Raise SettingsError listing every GCP name the emulator or gcp profile
+        cannot use, so a bad value fails at start rather than at the first load.
+
+        `also`: problems the caller found besides the names, reported in the same error.
+        `optional`: fields this process can do without, checked only when set (e.g.
+        `python -m deploy` uses none of the names: on GKE the flows read theirs from
+        the cluster's ConfigMap).
+        """
+        problems = [*self.gcp_name_problems(optional=optional), *also]
+        if problems:
+            lines = "\n".join(f"  - {problem}" for problem in problems)
+            raise SettingsError(
+                f"profile {self.profile!r} cannot start with these settings:\n{lines}\n"
+                "Fix them in the environment or in the settings file (TAXI_SETTINGS_FILE, "
+                "default taxi-pipeline.env), then run the command again."
             )
 
 

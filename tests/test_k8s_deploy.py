@@ -44,7 +44,7 @@ def run_deploy(server: PrefectServer, home: Path, *args: str) -> str:
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("TAXI_", "PREFECT_"))}
     env.update({"PREFECT_API_URL": server.api_url, "PREFECT_HOME": str(home / "prefect"),
-                "TAXI_PROFILE": "gcp", "TAXI_HOME": str(home), "TAXI_GCP_PROJECT": "acme",
+                "TAXI_PROFILE": "gcp", "TAXI_HOME": str(home), "TAXI_GCP_PROJECT": "acme-data",
                 "TAXI_BUCKET": "acme-landing"})
     result = subprocess.run([sys.executable, "-m", "deploy", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)

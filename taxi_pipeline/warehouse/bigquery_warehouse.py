@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +32,7 @@ import pyarrow as pa
 from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
+from taxi_pipeline import gcp_names
 from taxi_pipeline.warehouse.base import LoadResult
 
 LOAD_LOG = "_loads"
@@ -42,11 +42,6 @@ STAGING_TTL = timedelta(days=7)
 # Job ids are unique per project forever on BigQuery; a few extra attempts cover
 # a job that ran before but whose staging table is gone (see `_stage`).
 MAX_LOAD_ATTEMPTS = 3
-
-_PROJECT = re.compile(r"(?:[a-z][a-z0-9.-]*[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]")
-_DATASET = re.compile(r"[A-Za-z0-9_]{1,1024}")
-_TABLE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,1000}")
-_COLUMN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,299}")
 
 # The REST API answers with legacy type names; compare in standard SQL names.
 _LEGACY_TYPES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL"}
@@ -92,18 +87,11 @@ def bigquery_schema(schema: pa.Schema) -> list[bigquery.SchemaField]:
     """
     fields = []
     for field in schema:
-        _check(_COLUMN, field.name, "column name", "letters, digits and _ (no leading digit)")
+        gcp_names.COLUMN.check(field.name)
         fields.append(bigquery.SchemaField(
             field.name, bigquery_type(field.type), mode="NULLABLE" if field.nullable else "REQUIRED"
         ))
     return fields
-
-
-def _check(pattern: re.Pattern[str], value: str, what: str, allowed: str) -> str:
-    """Identifiers are formatted into SQL, so only safe spellings get through."""
-    if not pattern.fullmatch(value):
-        raise ValueError(f"invalid BigQuery {what} {value!r}: use {allowed}")
-    return value
 
 
 def _digest(*parts: object) -> str:
@@ -136,9 +124,10 @@ class BigQueryWarehouse:
         cluster_fields: tuple[str, ...] = ("pickup_location_id",),
     ) -> None:
         self.client = client
-        self.project = _check(_PROJECT, str(client.project), "project id",
-                              "a GCP project id such as my-project-123")
-        self.dataset = _check(_DATASET, dataset, "dataset name", "letters, digits and _")
+        # Identifiers are formatted into SQL, so only valid spellings get through
+        # (ValueError otherwise; settings are checked earlier, at process start).
+        self.project = gcp_names.PROJECT_ID.check(str(client.project))
+        self.dataset = gcp_names.DATASET.check(dataset)
         self.location = location
         self.partition_field = partition_field
         self.cluster_fields = cluster_fields
@@ -150,7 +139,7 @@ class BigQueryWarehouse:
         return f"bigquery://{self._table_id(table)}"
 
     def _table_id(self, table: str) -> str:
-        _check(_TABLE, table, "table name", "letters, digits, _ and -")
+        gcp_names.TABLE.check(table)
         return f"{self.project}.{self.dataset}.{table}"
 
     def _sql(self, table: str) -> str:
