@@ -354,9 +354,10 @@ def production_server(backing: Backing, name: str,
                       extra: dict[str, str] | None = None) -> PrefectServer:
     """A server with the manifests' settings (plus `extra`), on the shared database and Redis."""
     manifest = manifest_server()
-    assert manifest.command == ["prefect", "server", "start"], (
-        f"the manifests run {manifest.command}; this test runs `prefect server start` "
-        "(API and services, the event persister included, in one process)")
+    assert manifest.command == ["python", "-m", "taxi_pipeline.prefect_server_start"], (
+        f"the manifests run {manifest.command}; this test runs the same launcher "
+        "(`prefect server start`: API and services, the event persister included, in one "
+        "process)")
     home = backing.root / name
     server = PrefectServer(backing.database_url, home)
     env = local_env(manifest, database_url=backing.database_url, redis=backing.redis,
