@@ -1,4 +1,5 @@
-"""`taxi-pipeline`: run the local profile, try it with a demo, inspect and re-run objects.
+"""`taxi-pipeline`: run the local or emulator profile, try it with a demo, inspect and
+re-run objects.
 
 The CLI starts the other parts (`python -m deploy`, `python -m pubsub_bridge`,
 a Prefect worker) as processes, so the core never imports flows, bridge or
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,17 +38,25 @@ from taxi_pipeline.warehouse import warehouse_from_settings
 log = logging.getLogger("taxi_pipeline")
 
 
-def _require_local(settings: Settings, command: str) -> None:
-    if settings.profile != "local":
-        message = (
-            f"`taxi-pipeline {command}` runs the embedded local profile; TAXI_PROFILE is "
-            f"{settings.profile!r}. Unset it, or deploy with `python -m deploy` instead."
-        )
-        try:
-            settings.validate_for_profile()
-        except SettingsError as exc:
-            message += f"\n{exc}"
-        raise SystemExit(message)
+def _require_up_profile(settings: Settings, command: str) -> None:
+    """`up` and `demo` run the local and emulator profiles; production is deployed."""
+    if settings.profile in ("local", "emulator"):
+        return
+    message = (
+        f"`taxi-pipeline {command}` runs the local profile (the default) or "
+        f"TAXI_PROFILE=emulator; TAXI_PROFILE is {settings.profile!r}. Deploy the gcp "
+        "profile with `python -m deploy` instead (see k8s/README.md)."
+    )
+    try:
+        settings.validate_for_profile()
+    except SettingsError as exc:
+        message += f"\n{exc}"
+    raise SystemExit(message)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM while starting: unwind like Ctrl-C, so what already started is stopped."""
+    raise KeyboardInterrupt
 
 
 def _print_stack(stack: LocalStack, settings: Settings) -> None:
@@ -58,32 +69,53 @@ def _print_stack(stack: LocalStack, settings: Settings) -> None:
     print(f"Logs                 {stack.log_dir}")
 
 
+Running = list[tuple[str, subprocess.Popen[bytes], Path]]
+
+
+def _run_until_stopped(processes: Running) -> int:
+    """Until SIGINT/SIGTERM (0), or until one of `processes` exits (1)."""
+    print("Running. Press Ctrl-C to stop everything.", flush=True)
+    stopping: list[int] = []
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    # Explicit handlers: a background or supervised process may inherit SIGINT
+    # as ignored, and SIGTERM must stop the children too.
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    while not stopping:
+        for name, process, log_path in processes:
+            if process.poll() is not None:
+                print(f"{name} exited with code {process.returncode}; "
+                      f"see {log_path}. Stopping.", file=sys.stderr)
+                return 1
+        time.sleep(0.5)
+    print("\nStopping...", flush=True)
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = get_settings()
-    _require_local(settings, "up")
-    print("Starting the local profile (Prefect server, worker, bridge)...", flush=True)
-    with LocalStack(settings, ui=True) as stack:
-        _print_stack(stack, settings)
-        print("Running. Press Ctrl-C to stop everything.", flush=True)
-        stopping: list[int] = []
+    _require_up_profile(settings, "up")
+    signal.signal(signal.SIGTERM, _interrupt)
+    if settings.profile == "emulator":
+        from taxi_pipeline.emulator_stack import emulator_stack
 
-        def request_stop(signum: int, _frame: object) -> None:
-            stopping.append(signum)
-
-        # Explicit handlers: a background or supervised process may inherit SIGINT
-        # as ignored, and SIGTERM must stop the children too.
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
-        while not stopping:
-            for managed in stack.processes:
-                if not managed.alive():
-                    print(f"{managed.name} exited with code {managed.process.returncode}; "
-                          f"see {managed.log_path}. Stopping.", file=sys.stderr)
-                    return 1
-            time.sleep(0.5)
-        print("\nStopping...", flush=True)
-    print("Stopped; nothing left running.")
-    return 0
+        print("Starting the emulator profile (Pub/Sub emulator, fake-gcs-server, BigQuery "
+              "emulator, Prefect server, worker, bridge)...", flush=True)
+        with emulator_stack(settings, ui=True, preferred_ports=True) as running:
+            print("\n".join(running.describe()), flush=True)
+            code = _run_until_stopped(running.processes())
+    else:
+        print("Starting the local profile (Prefect server, worker, bridge)...", flush=True)
+        with LocalStack(settings, ui=True) as stack:
+            _print_stack(stack, settings)
+            code = _run_until_stopped([(m.name, m.process, m.log_path)
+                                       for m in stack.processes])
+    if code == 0:
+        print("Stopped; nothing left running.")
+    return code
 
 
 def duckdb_cli() -> str:
@@ -129,42 +161,73 @@ def wait_for_load(settings: Settings, store: ObjectStore, raw: ObjectRef,
 
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = get_settings()
-    _require_local(settings, "demo")
-    store = store_from_settings(settings)
+    _require_up_profile(settings, "demo")
+    signal.signal(signal.SIGTERM, _interrupt)
     name = raw_object_name(settings.raw_prefix, "yellow", 2024, 1)
     print(f"Generating a sample yellow month ({args.rows:,} rows, real TLC schema and dirt)...",
           flush=True)
     sample = generate_month("yellow", 2024, 1, args.rows, seed=7)
     latencies: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         source = write_month(sample, Path(tmp) / "yellow_tripdata_2024-01.parquet")
-        print("Starting the local profile (Prefect server, worker, bridge)...", flush=True)
-        with LocalStack(settings, ui=False) as stack:
+        if settings.profile == "emulator":
+            from taxi_pipeline.emulator_stack import emulator_stack
+
+            print("Starting the emulator profile (Pub/Sub emulator, fake-gcs-server, BigQuery "
+                  "emulator, Prefect server, worker, bridge)...", flush=True)
+            emulators = running.enter_context(emulator_stack(settings))
+            settings, stack = emulators.settings, emulators.stack
+            print("\n".join(emulators.endpoints()), flush=True)
+            # The emulators keep nothing once stopped: count the rows while they run.
+            table = f"{settings.gcp_project}.{settings.bq_dataset}.{settings.table}"
+            query = ("The BigQuery emulator keeps nothing once stopped; `TAXI_PROFILE=emulator "
+                     "taxi-pipeline up` keeps it running and prints how to query it")
+
+            def count(uri: str) -> str:
+                rows = warehouse_from_settings(settings).rows_for(settings.table, uri)
+                return f"BigQuery emulator: {rows or 0:,} rows of {uri} in {table}"
+
+            def drop() -> None:
+                emulators.upload(source, name)
+        else:
+            print("Starting the local profile (Prefect server, worker, bridge)...", flush=True)
+            stack = running.enter_context(LocalStack(settings, ui=False))
             _print_stack(stack, settings)
-            for attempt in range(1, args.drops + 1):
+            query = (f"Query it: {duckdb_cli()} {settings.warehouse_file} "
+                     f"\"select count(*) from {settings.table}\"")
+
+            def count(uri: str) -> str:
+                return ""  # the loaded line says it all: the warehouse file stays
+
+            def drop() -> None:
                 target = settings.bucket_dir / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                dropped = time.monotonic()
                 shutil.copyfile(source, target)
-                raw = store.ref(name)
-                print(f"[{attempt}/{args.drops}] dropped {raw.uri}", flush=True)
-                outcome = wait_for_load(settings, store, raw, args.timeout)
-                if isinstance(outcome, str):
-                    print(f"FAILED: {outcome}. Logs: {stack.log_dir}", file=sys.stderr)
-                    return 1
-                rows, _ = outcome
-                latency = time.monotonic() - dropped
-                latencies.append(latency)
-                rejects_path = settings.bucket_dir / sibling_name(
-                    name, settings.raw_prefix, settings.rejects_prefix)
-                rejected = pq.read_metadata(rejects_path).num_rows
-                print(f"[{attempt}/{args.drops}] loaded {rows:,} rows, rejected {rejected:,} "
-                      f"(reasons in {rejects_path}); drop to queryable {latency:.1f}s",
-                      flush=True)
+
+        store = store_from_settings(settings)
+        rejects_name = sibling_name(name, settings.raw_prefix, settings.rejects_prefix)
+        for attempt in range(1, args.drops + 1):
+            dropped = time.monotonic()
+            drop()
+            raw = store.ref(name)
+            print(f"[{attempt}/{args.drops}] dropped {raw.uri}", flush=True)
+            outcome = wait_for_load(settings, store, raw, args.timeout)
+            if isinstance(outcome, str):
+                print(f"FAILED: {outcome}. Logs: {stack.log_dir}", file=sys.stderr)
+                return 1
+            rows, _ = outcome
+            latency = time.monotonic() - dropped
+            latencies.append(latency)
+            rejects = store.ref(rejects_name)
+            with store.open_read(rejects) as reader:
+                rejected = pq.read_metadata(reader).num_rows
+            print(f"[{attempt}/{args.drops}] loaded {rows:,} rows, rejected {rejected:,} "
+                  f"(reasons in {rejects.uri}); drop to queryable {latency:.1f}s", flush=True)
+            if counted := count(raw.uri):
+                print(f"[{attempt}/{args.drops}] {counted}", flush=True)
     print(f"Demo done: {sample.table.num_rows:,} rows in, {rows:,} loaded, {rejected:,} rejected;"
           f" drop to queryable median {statistics.median(latencies):.1f}s over "
-          f"{len(latencies)} drop(s). Query it: {duckdb_cli()} {settings.warehouse_file} "
-          f"\"select count(*) from {settings.table}\"")
+          f"{len(latencies)} drop(s). {query}")
     return 0
 
 
@@ -312,7 +375,8 @@ def cmd_gcp_setup(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taxi-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start server, worker and bridge of the local profile")
+    up = sub.add_parser("up", help="start server, worker and bridge of the local profile "
+                        "(TAXI_PROFILE=emulator: with the Pub/Sub, GCS and BigQuery emulators)")
     up.set_defaults(func=cmd_up)
     demo = sub.add_parser("demo", help="start everything, drop a sample month, wait, report")
     demo.add_argument("--rows", type=int, default=250_000, help="rows in the sample month")

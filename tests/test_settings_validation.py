@@ -1,7 +1,7 @@
 """Settings are checked against Google's naming rules when a process starts, not at the
-first load: `gcp setup`, `up`, `demo`, `python -m deploy` and the bridge refuse bad GCP
-names at once, naming every bad variable, its rule and a valid example. No server,
-emulator or client is started here."""
+first load: `gcp setup`, `up`, `demo` (emulator profile), `python -m deploy` and the bridge
+refuse bad GCP names at once, naming every bad variable, its rule and a valid example. No
+server, emulator or client is started here."""
 
 from __future__ import annotations
 
@@ -52,29 +52,33 @@ def test_gcp_setup_refuses_the_readme_demo_project_before_any_client(
 
 @pytest.mark.parametrize("command", ["up", "demo"])
 def test_up_and_demo_name_the_bad_project_too(
-    command: str, monkeypatch: pytest.MonkeyPatch
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The emulator profile's `up` checks the names before it starts any emulator."""
     emulator_with_demo_project(monkeypatch)
+    monkeypatch.setattr("taxi_pipeline.emulator_stack.require_emulators", never)
+    monkeypatch.setattr("taxi_pipeline.emulator_stack.pubsub_emulator", never)
+    monkeypatch.setattr("taxi_pipeline.cli.LocalStack", never)
+    assert main([command]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: profile 'emulator' cannot start")
+    assert "TAXI_GCP_PROJECT='demo'" in err
+    assert "e.g. TAXI_GCP_PROJECT=my-project-123" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["up", "demo"])
+def test_up_and_demo_refuse_the_gcp_profile(command: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    use_env(monkeypatch, TAXI_PROFILE="gcp", TAXI_GCP_PROJECT="demo", TAXI_BUCKET="taxi")
     monkeypatch.setattr("taxi_pipeline.cli.LocalStack", never)
     with pytest.raises(SystemExit) as exited:
         main([command])
     message = str(exited.value.code)
-    assert f"`taxi-pipeline {command}` runs the embedded local profile" in message
-    assert "TAXI_GCP_PROJECT='demo'" in message
-    assert "e.g. TAXI_GCP_PROJECT=my-project-123" in message
-
-
-def test_up_with_valid_emulator_settings_only_says_it_is_local(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    use_env(monkeypatch, TAXI_PROFILE="emulator", TAXI_GCP_PROJECT="taxi-demo",
-            TAXI_BUCKET="taxi")
-    monkeypatch.setattr("taxi_pipeline.cli.LocalStack", never)
-    with pytest.raises(SystemExit) as exited:
-        main(["up"])
-    message = str(exited.value.code)
-    assert "runs the embedded local profile" in message
-    assert "cannot start with these settings" not in message
+    assert f"`taxi-pipeline {command}` runs the local profile (the default) or " \
+        "TAXI_PROFILE=emulator" in message
+    assert "python -m deploy" in message
+    assert "TAXI_GCP_PROJECT='demo'" in message  # the bad names too, while at it
 
 
 def test_other_commands_check_the_settings_first(
@@ -87,14 +91,20 @@ def test_other_commands_check_the_settings_first(
         assert "TAXI_GCP_PROJECT='demo'" in capsys.readouterr().err
 
 
-def test_the_readme_emulator_example_is_valid() -> None:
+def test_the_readme_emulator_commands_have_valid_names() -> None:
+    """The README starts the emulator profile with defaults for project and bucket."""
+    from taxi_pipeline.emulator_stack import emulator_settings
+
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    (line,) = [line for line in readme.splitlines()
-               if line.startswith("export TAXI_PROFILE=emulator")]
-    values = dict(part.split("=", 1) for part in line.split()[1:])
-    settings = Settings(profile="emulator", gcp_project=values["TAXI_GCP_PROJECT"],
-                        bucket=values["TAXI_BUCKET"])
-    settings.validate_for_profile()
+    lines = [line for line in readme.splitlines()
+             if line.removeprefix("export ").startswith("TAXI_PROFILE=emulator ")]
+    assert any("taxi-pipeline up" in line for line in lines)
+    for line in lines:
+        values = dict(part.split("=", 1) for part in line.split() if part.startswith("TAXI_"))
+        settings = emulator_settings(Settings(
+            profile="emulator", gcp_project=values.get("TAXI_GCP_PROJECT", ""),
+            bucket=values.get("TAXI_BUCKET", "")))
+        settings.validate_for_profile()
 
 
 # -- deploy and the bridge -----------------------------------------------------------------
