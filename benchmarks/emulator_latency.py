@@ -2,32 +2,30 @@
 
 Usage: .venv/bin/python benchmarks/emulator_latency.py [--uploads 5] [--rows 250000]
 
-Starts the whole emulator chain (the end-to-end test's: PostgreSQL + Prefect
-server, Pub/Sub emulator, fake-gcs-server, BigQuery emulator, process worker,
-bridge), then uploads the same synthetic month N times with the
-google-cloud-storage client; each upload is a new generation that travels
-notification -> bridge -> transform -> notification -> bridge -> load. The
-clock runs from the start of the upload until the BigQuery emulator's load
-log holds that generation.
+Starts the whole emulator profile (what `TAXI_PROFILE=emulator taxi-pipeline up`
+starts: Pub/Sub emulator, fake-gcs-server, BigQuery emulator, Prefect server on
+the embedded PostgreSQL, process worker, bridge), then uploads the same
+synthetic month N times with the google-cloud-storage client; each upload is a
+new generation that travels notification -> bridge -> transform ->
+notification -> bridge -> load. The clock runs from the start of the upload
+until the BigQuery emulator's load log holds that generation.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
 
-from google.auth.credentials import AnonymousCredentials  # noqa: E402
-from google.cloud import storage  # noqa: E402
-from support.chain import emulator_chain  # noqa: E402
-
-from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month  # noqa: E402
+from taxi_pipeline.emulator_stack import emulator_stack
+from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.warehouse import warehouse_from_settings
 
 PROJECT, BUCKET = "taxi-latency", "taxi-latency-bucket"
 
@@ -39,8 +37,10 @@ def main() -> None:
     args = parser.parse_args()
     latencies: list[float] = []
     with tempfile.TemporaryDirectory() as tmp, \
-            emulator_chain(Path(tmp), PROJECT, BUCKET) as chain:
-        settings = chain.settings
+            emulator_stack(Settings(profile="emulator", home=Path(tmp), gcp_project=PROJECT,
+                                    bucket=BUCKET)) as running:
+        settings = running.settings
+        warehouse = warehouse_from_settings(settings)
         local = write_month(generate_month("yellow", 2024, 1, args.rows, seed=3),
                             Path(tmp) / "month.parquet")
         name = raw_object_name(settings.raw_prefix, "yellow", 2024, 1)
@@ -52,7 +52,7 @@ def main() -> None:
             blob.upload_from_filename(str(local))
             generation = int(blob.generation)
             while True:
-                loaded = chain.warehouse.loaded(settings.table, uri)
+                loaded = warehouse.loaded(settings.table, uri)
                 if loaded and loaded[0] >= generation:
                     break
                 if time.perf_counter() - start > 300:

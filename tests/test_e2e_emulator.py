@@ -1,6 +1,8 @@
 """End to end on the emulator profile: GCS (fake-gcs-server) notifications through the
 Pub/Sub emulator to the bridge, automations running transform and load on a process
-worker, rows landing in BigQuery (bqemulator); the Prefect server runs on PostgreSQL.
+worker, rows landing in BigQuery (bqemulator); the Prefect server runs on the embedded
+PostgreSQL. The stack is the one `TAXI_PROFILE=emulator taxi-pipeline up` starts
+(taxi_pipeline.emulator_stack); tests/test_e2e_emulator_up.py runs `up` itself.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1, storage
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-from support.chain import emulator_chain
-from support.emulators import emulators_available
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from support.local_e2e import bridge_counter, wait_bridge_counter
-from support.prefect_server import postgres_available
 
+from taxi_pipeline.emulator_stack import emulator_stack
+from taxi_pipeline.emulators import emulators_available
 from taxi_pipeline.local_stack import LocalStack
 from taxi_pipeline.sample_data import SampleMonth, generate_month, raw_object_name, write_month
-from taxi_pipeline.warehouse import Warehouse
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.warehouse import Warehouse, warehouse_from_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -34,12 +37,16 @@ LOAD_TIMEOUT = 240.0
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, Warehouse]]:
-    reason = emulators_available() or postgres_available()
+    reason = emulators_available()
     if reason:
         pytest.skip(reason)
-    with emulator_chain(tmp_path_factory.mktemp("emu"), PROJECT, BUCKET) as running:
+    settings = Settings(profile="emulator", home=tmp_path_factory.mktemp("emu"), bucket=BUCKET,
+                        gcp_project=PROJECT, pubsub_ack_deadline_seconds=10,
+                        bridge_confirm_seconds=5)
+    with emulator_stack(settings) as running:
         assert any("subscription" in line for line in running.setup_lines), running.setup_lines
-        yield running.stack, running.warehouse
+        with temporary_settings(updates={PREFECT_API_URL: running.stack.api_url}):
+            yield running.stack, warehouse_from_settings(running.settings)
 
 
 def upload(sample: SampleMonth, tmp_path: Path, name: str) -> tuple[str, int]:
