@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +29,17 @@ def test_without_one_up_prefers_the_default_and_headless_stacks_take_any() -> No
         assert bridge_port(settings, prefer_default=True) != default
     assert bridge_port(settings, prefer_default=True) == default  # free again
     assert bridge_port(settings, prefer_default=False) != 0
+
+
+def test_a_plain_http_api_gets_a_one_certificate_ca_file(tmp_path: Path) -> None:
+    import ssl
+
+    from taxi_pipeline.local_stack import plain_http_api_env
+
+    assert plain_http_api_env("https://prefect.example.com/api", tmp_path) == {}
+    env = plain_http_api_env("http://127.0.0.1:4200/api", tmp_path)
+    ca = Path(env["PREFECT_API_SSL_CERT_FILE"])
+    assert ca.read_text().count("BEGIN CERTIFICATE") == 1
+    context = ssl.create_default_context(cafile=str(ca))  # a valid PEM Prefect can load
+    assert len(context.get_ca_certs()) == 1
+    assert plain_http_api_env("http://127.0.0.1:4200/api", tmp_path) == env  # idempotent
