@@ -2,91 +2,81 @@
 
 Idempotent: a month already in the bucket is skipped, and the object is
 written with "only if absent", so two overlapping runs cannot both write it.
+Each month goes through `taxi_pipeline.tlc_download.fetch_month` (as the backfill
+does): streamed to the store's temporary path and verified as parquet (magic bytes
+and footer metadata) before it is published, so an error page or a cut-off body
+never appears under raw/.
 Landing the file is all it does; the bucket notification starts the rest.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import emit
 from taxi_pipeline import events
-from taxi_pipeline.objects import ObjectRef, raw_object_name, tlc_file_name
 from taxi_pipeline.settings import Settings, get_settings
-from taxi_pipeline.storage import (
-    ObjectNotFound,
-    ObjectStore,
-    PreconditionFailed,
-    store_from_settings,
+from taxi_pipeline.storage import ObjectStore, store_from_settings
+from taxi_pipeline.tlc_download import (
+    FAILED,
+    LANDED,
+    NOT_PUBLISHED,
+    PRESENT,
+    MonthResult,
+    default_month,
+    fetch_month,
+    month_object_name,
+    planned_ref,
 )
-from taxi_pipeline.storage.local import has_parquet_footer
 
-PROGRESS_EVERY = 16 * 2**20
+# What the task returns for each outcome of `fetch_month` (the names the flow always used).
+RETURNS = {LANDED: "downloaded", PRESENT: "exists", NOT_PUBLISHED: "not_published"}
 
-
-def default_month(lag_months: int, today: datetime | None = None) -> str:
-    """The newest month TLC should have published: `lag_months` before this one."""
-    today = today or datetime.now(UTC)
-    index = today.year * 12 + (today.month - 1) - lag_months
-    return f"{index // 12:04d}-{index % 12 + 1:02d}"
+__all__ = ["default_month", "download", "download_month", "emit_outcome"]
 
 
-def _planned(store: ObjectStore, name: str) -> ObjectRef:
-    """A reference for events about an object that does not exist (yet)."""
-    return ObjectRef(bucket=store.bucket, name=name, generation=0, scheme=store.scheme)
+def emit_outcome(result: MonthResult, store: ObjectStore, settings: Settings) -> None:
+    """The `pipeline.download.*` event of one month's result (download and backfill flows)."""
+    obj = result.obj or planned_ref(store, result.name)
+    if result.outcome == LANDED:
+        emit(events.DOWNLOAD_COMPLETED, obj, settings,
+             payload={"url": result.url, "bytes": result.bytes})
+    elif result.outcome == PRESENT:
+        emit(events.DOWNLOAD_SKIPPED, obj, settings, payload={"reason": "exists"})
+    elif result.outcome == NOT_PUBLISHED:
+        emit(events.DOWNLOAD_SKIPPED, obj, settings,
+             payload={"reason": "not_published", "url": result.url,
+                      "status": result.http_status})
+    else:
+        emit(events.DOWNLOAD_FAILED, obj, settings, payload={"error": result.detail})
+
+
+class DownloadFailed(RuntimeError):
+    """The month could not be landed; the reason says why (the task retries it)."""
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=30)
 def download_month(store: ObjectStore, settings: Settings, dataset: str, month: str) -> str:
-    """Returns "downloaded", "exists" or "not_published"."""
+    """Returns "downloaded", "exists" or "not_published"; raises DownloadFailed.
+
+    `fetch_month` already retries 5xx, connection errors and truncated bodies within
+    seconds (TAXI_DOWNLOAD_ATTEMPTS); the task's retries come back after 30 s.
+    """
     logger = get_run_logger()
-    year, mon = (int(part) for part in month.split("-"))
-    name = raw_object_name(settings.raw_prefix, dataset, year, mon)
-    try:
-        existing = store.ref(name)
-        logger.info("exists uri=%s generation=%s: skipped", existing.uri, existing.generation)
-        emit(events.DOWNLOAD_SKIPPED, existing, settings, payload={"reason": "exists"})
-        return "exists"
-    except ObjectNotFound:
-        pass
-    url = f"{settings.tlc_base_url.rstrip('/')}/{tlc_file_name(dataset, year, mon)}"
-    with httpx.stream("GET", url, timeout=60, follow_redirects=True) as response:
-        if response.status_code in (403, 404):
-            # TLC answers 403/404 for months it has not published yet.
-            logger.info("not published yet url=%s (HTTP %s)", url, response.status_code)
-            emit(events.DOWNLOAD_SKIPPED, _planned(store, name), settings,
-                 payload={"reason": "not_published", "url": url,
-                          "status": response.status_code})
-            return "not_published"
-        response.raise_for_status()
-        total = int(response.headers.get("content-length") or 0)
-        written = 0
-        try:
-            with store.publish(name, if_generation_match=0) as path:
-                with path.open("wb") as out:
-                    next_report = PROGRESS_EVERY
-                    for chunk in response.iter_bytes(1 << 20):
-                        out.write(chunk)
-                        written += len(chunk)
-                        if written >= next_report:
-                            logger.info("downloading url=%s %d/%s MiB", url, written >> 20,
-                                        total >> 20 if total else "?")
-                            next_report += PROGRESS_EVERY
-                if not has_parquet_footer(path):
-                    raise ValueError(f"{url} did not return a complete parquet file "
-                                     f"({written} bytes); nothing was written to the bucket")
-        except PreconditionFailed:
-            logger.info("another run wrote %s first: skipped", name)
-            return "exists"
-    landed = store.ref(name)
-    logger.info("downloaded url=%s -> uri=%s bytes=%d", url, landed.uri, written)
-    emit(events.DOWNLOAD_COMPLETED, landed, settings, payload={"url": url, "bytes": written})
-    return "downloaded"
+    result = fetch_month(store, settings, dataset, month, logger=logger)
+    if result.outcome == FAILED:
+        raise DownloadFailed(f"{result.url}: {result.detail}; nothing was written to the "
+                             "bucket")
+    if result.outcome == PRESENT:
+        logger.info("exists %s: skipped", result.detail)
+    elif result.outcome == NOT_PUBLISHED:
+        # TLC answers 403/404 for months it has not published yet.
+        logger.info("not published yet url=%s (%s)", result.url, result.detail)
+    emit_outcome(result, store, settings)
+    return RETURNS[result.outcome]
 
 
 @flow(name="download")
@@ -106,8 +96,7 @@ def download(months: list[str] | None = None,
             try:
                 outcome[key] = download_month(store, settings, dataset, month)
             except Exception as exc:
-                year, mon = (int(part) for part in month.split("-"))
-                planned = _planned(store, raw_object_name(settings.raw_prefix, dataset, year, mon))
+                planned = planned_ref(store, month_object_name(settings, dataset, month))
                 emit(events.DOWNLOAD_FAILED, planned, settings,
                      payload={"error": f"{type(exc).__name__}: {exc}"})
                 logger.error("download failed %s: %s", key, exc)

@@ -160,6 +160,22 @@ class Settings(BaseSettings):
     download_lag_months: int = Field(
         default=2, ge=0, description="TLC publishes a month about two months after it ends."
     )
+    download_attempts: int = Field(
+        default=4, ge=1,
+        description="Tries per month (download and backfill) when TLC answers 5xx or 429, the "
+        "connection fails or the body arrives truncated; an error page or a 4xx is not retried.",
+    )
+    download_retry_seconds: float = Field(
+        default=2.0, ge=0,
+        description="Wait before the second try; it doubles for each further try (at most 60 s).",
+    )
+    download_timeout_seconds: float = Field(
+        default=60.0, gt=0,
+        description="Connect/read timeout of one download request (per read, not per file).",
+    )
+    backfill_concurrency: int = Field(
+        default=4, ge=1, le=32, description="Months `backfill` downloads at once.",
+    )
 
     # -- recovery ----------------------------------------------------------------
     reconcile_every_minutes: float = Field(
