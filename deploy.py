@@ -28,6 +28,7 @@ from prefect.types.entrypoint import EntrypointType
 
 from automations.apply import apply_automations
 from automations.definitions import pipeline_automations
+from flows.backfill import backfill
 from flows.download import download
 from flows.load import load
 from flows.reconcile import reconcile
@@ -197,8 +198,8 @@ async def alert_block_id(settings: Settings) -> UUID | None:
 
 
 def deploy(settings: Settings | None = None) -> dict[str, UUID]:
-    """Register download (on its cron), transform, load, reconcile (on its interval) and
-    recover; point the automations at them."""
+    """Register download (on its cron), transform, load, reconcile (on its interval),
+    recover and backfill (no schedule: run on demand); point the automations at them."""
     settings = settings or get_settings()
     asyncio.run(ensure_work_pool(settings))
     ids = {
@@ -209,6 +210,7 @@ def deploy(settings: Settings | None = None) -> dict[str, UUID]:
                               interval=timedelta(minutes=settings.reconcile_every_minutes),
                               concurrency_limit=ONE_RECONCILE_AT_A_TIME),
         "recover": register(recover, "recover", settings),
+        "backfill": register(backfill, "backfill", settings),
     }
     automations = pipeline_automations(ids["transform"], ids["load"], ids["recover"],
                                        asyncio.run(alert_block_id(settings)))

@@ -356,6 +356,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _with_api(settings, _status(settings, args.object))
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Download a range of TLC months into raw/; no Prefect server needed."""
+    from taxi_pipeline.backfill import backfill_in_console
+    from taxi_pipeline.tlc_download import default_month, month_range, parse_datasets
+
+    settings = _valid_settings()
+    try:
+        datasets = parse_datasets(args.dataset or settings.download_datasets)
+        months = month_range(args.from_month,
+                             args.to_month or default_month(settings.download_lag_months))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return backfill_in_console(settings, datasets, months, dry_run=args.dry_run,
+                               concurrency=args.concurrency or settings.backfill_concurrency)
+
+
 def cmd_gcp_setup(args: argparse.Namespace) -> int:
     """Create bucket, topics, subscriptions and notifications (idempotent)."""
     settings = get_settings()
@@ -410,6 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="events and warehouse rows of one object")
     status.add_argument("object", help="object URI or name")
     status.set_defaults(func=cmd_status)
+    backfill = sub.add_parser(
+        "backfill", help="download a range of TLC months into raw/ (skips what is there)")
+    backfill.add_argument("--dataset", help="comma-separated, e.g. yellow,green "
+                          "(default: TAXI_DOWNLOAD_DATASETS)")
+    backfill.add_argument("--from", dest="from_month", required=True, metavar="YYYY-MM")
+    backfill.add_argument("--to", dest="to_month", metavar="YYYY-MM",
+                          help="last month, included (default: the newest TLC should have "
+                               "published, TAXI_DOWNLOAD_LAG_MONTHS before this one)")
+    backfill.add_argument("--concurrency", type=int, choices=range(1, 33), metavar="N",
+                          help="months downloaded at once, 1-32 (default: "
+                               "TAXI_BACKFILL_CONCURRENCY, 4)")
+    backfill.add_argument("--dry-run", action="store_true",
+                          help="say what is in the bucket and what would be downloaded; "
+                               "send no request")
+    backfill.set_defaults(func=cmd_backfill)
     gcp = sub.add_parser("gcp", help="Google Cloud resources of the gcp/emulator profiles")
     gcp_sub = gcp.add_subparsers(dest="gcp_command", required=True)
     gcp_setup = gcp_sub.add_parser("setup", help="create bucket, Pub/Sub topics, subscriptions "

@@ -110,6 +110,9 @@ def test_deployments_carry_the_image_and_their_resources(two_runs: tuple[Any, ..
     assert load["job_variables"] == {**deploy.KUBERNETES_JOB_VARIABLES["load"], "image": IMAGE}
     download = by_entrypoint(first, "flows.download.download")
     assert download["job_variables"] == {"image": IMAGE}
+    backfill = by_entrypoint(first, "flows.backfill.backfill")
+    assert backfill["job_variables"] == {"image": IMAGE}
+    assert backfill["schedules"] == []  # run on demand only
     for state in first["deployments"].values():
         assert state["job_variables"]["image"] == IMAGE
 
