@@ -384,9 +384,9 @@ def test_concurrency_is_bounded(site: Site) -> None:
 
 def test_an_interrupted_backfill_leaves_no_partial_file(site: Site) -> None:
     big = synthetic("yellow", "2020-02", rows=40_000)
-    assert len(big) > 1_000_000  # 20 slow chunks: still streaming when Ctrl-C comes
-    site.serve(tlc("yellow", "2020-02"), Reply(body=big, chunk_delay=0.02))
-    site.serve(tlc("yellow", "2020-03"), Reply(body=big, chunk_delay=0.02))
+    assert len(big) > 1_000_000  # 20 chunks, 1 s: still streaming when Ctrl-C comes
+    site.serve(tlc("yellow", "2020-02"), Reply(body=big, chunk_delay=0.05))
+    site.serve(tlc("yellow", "2020-03"), Reply(body=big, chunk_delay=0.05))
     settings = get_settings()
 
     def interrupt(result: Any, done: int, total: int) -> None:
