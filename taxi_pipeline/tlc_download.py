@@ -173,12 +173,25 @@ def present(store: ObjectStore, name: str) -> ObjectRef | None:
 def fetch_month(store: ObjectStore, settings: Settings, dataset: str, month: str, *,
                 logger: Logger | None = None,
                 cancel: threading.Event | None = None) -> MonthResult:
-    """Land one dataset's month under raw/ unless it is there already; never raises for
-    HTTP or content problems (they end as `failed` with the reason), only `Cancelled`
-    is turned into `failed` too.
+    """Land one dataset's month under raw/ unless it is there already.
+
+    Never raises: HTTP and content problems, a cancel, and unexpected errors (the
+    store's, say) end as `failed` with the reason, so one bad month does not stop a
+    backfill of many.
     """
     logger = logger or log
-    cancel = cancel or threading.Event()
+    try:
+        return _fetch_month(store, settings, dataset, month, logger,
+                            cancel or threading.Event())
+    except Exception as exc:
+        logger.error("%s %s failed: %s: %s", dataset, month, type(exc).__name__, exc,
+                     exc_info=True)
+        return MonthResult(dataset, month, FAILED, month_object_name(settings, dataset, month),
+                           month_url(settings, dataset, month), f"{type(exc).__name__}: {exc}")
+
+
+def _fetch_month(store: ObjectStore, settings: Settings, dataset: str, month: str,
+                 logger: Logger, cancel: threading.Event) -> MonthResult:
     name = month_object_name(settings, dataset, month)
     url = month_url(settings, dataset, month)
     started = time.monotonic()

@@ -318,6 +318,24 @@ def test_a_truncated_body_then_a_whole_one_lands(site: Site) -> None:
     assert (settings.bucket_dir / result.name).read_bytes() == body
 
 
+def test_a_store_error_fails_that_month_only(site: Site) -> None:
+    for month in ("2023-01", "2023-02"):
+        site.serve_bytes(tlc("green", month), synthetic("green", month))
+    settings = get_settings()
+    full = month_object_name(settings, "green", "2023-01")
+
+    class FullDisk(LocalStore):
+        def publish(self, name: str, *args: Any, **kwargs: Any) -> Any:
+            if name == full:
+                raise OSError(28, "No space left on device")
+            return super().publish(name, *args, **kwargs)
+
+    report = run_backfill(settings, ["green"], ["2023-01", "2023-02"], concurrency=2,
+                          store=FullDisk(settings.bucket_dir))
+    assert [r.outcome for r in report.results] == [FAILED, LANDED]
+    assert report.failed[0].detail == "OSError: [Errno 28] No space left on device"
+
+
 # -- dry run, summary, exit code, concurrency ----------------------------------------
 
 
