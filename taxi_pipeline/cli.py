@@ -282,47 +282,6 @@ def cmd_reemit(args: argparse.Namespace) -> int:
     return _with_api(settings, _reemit(settings, args.objects))
 
 
-async def _status(settings: Settings, target: str) -> int:
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import (
-        EventAnyResourceFilter,
-        EventFilter,
-        EventOccurredFilter,
-        EventOrder,
-    )
-
-    store = store_from_settings(settings)
-    name = store.name_of(target) if "://" in target else target
-    uri = store.ref(name).uri if "://" not in target else target
-    # The story of a raw object continues under its derived objects' names.
-    related_uris = [uri] + [
-        uri.removesuffix(name) + sibling_name(name, settings.raw_prefix, prefix)
-        for prefix in (settings.processed_prefix, settings.quarantine_prefix)
-        if name.startswith(settings.raw_prefix)
-    ]
-    async with get_client() as client:
-        page = await client.read_events(
-            filter=EventFilter(
-                any_resource=EventAnyResourceFilter(id=related_uris),
-                occurred=EventOccurredFilter(),
-                order=EventOrder.ASC,
-            ),
-            limit=50,
-        )
-    print(f"events about {uri} ({page.total}):")
-    for event in page.events:
-        detail = {k: v for k, v in event.payload.items() if k in (
-            "rows", "rows_in", "rows_out", "rows_rejected", "status", "reason", "error")}
-        print(f"  {event.occurred:%Y-%m-%d %H:%M:%S}  {event.event:<30} "
-              f"{event.resource.id if event.resource.id != uri else ''} {detail or ''}")
-    loaded = warehouse_from_settings(settings).loaded(settings.table, uri)
-    if loaded:
-        print(f"warehouse: {loaded[1]:,} rows of generation {loaded[0]} in {settings.table}")
-    else:
-        print("warehouse: no rows from this object")
-    return 0
-
-
 async def _reconcile(settings: Settings, older_than: timedelta, dry_run: bool) -> int:
     from taxi_pipeline.reconcile import reconcile
 
@@ -351,9 +310,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """The story of one object: its events and what the warehouse holds of it."""
+    """One object's story, or the board of every object under a prefix."""
+    from taxi_pipeline.status_board import status
+
     settings = _valid_settings()
-    return _with_api(settings, _status(settings, args.object))
+    minutes = (settings.reconcile_after_minutes if args.older_than_minutes is None
+               else args.older_than_minutes)
+    return _with_api(settings, status(settings, args.object, stalled=args.stalled,
+                                      as_json=args.json, older_than=timedelta(minutes=minutes)))
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
@@ -423,8 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
              "this (default: TAXI_RECONCILE_AFTER_MINUTES, 3)")
     reconcile.add_argument("--dry-run", action="store_true", help="list, do not re-emit")
     reconcile.set_defaults(func=cmd_reconcile)
-    status = sub.add_parser("status", help="events and warehouse rows of one object")
-    status.add_argument("object", help="object URI or name")
+    status = sub.add_parser(
+        "status", help="one object's events and rows, or a board of every object",
+        description="With an object (URI, name of any stage, file name or absolute path): its "
+                    "stage, events and warehouse rows. With a prefix ending in / (or nothing): "
+                    "one line per object.")
+    status.add_argument("object", nargs="?", default="",
+                        help="object, or prefix for the board (default: every object)")
+    status.add_argument("--stalled", action="store_true",
+                        help="only objects that landed but never reached loaded or quarantined")
+    status.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    status.add_argument("--older-than-minutes", type=float, default=None,
+                        help="quiet this long counts as stalled (default: "
+                             "TAXI_RECONCILE_AFTER_MINUTES, 3)")
     status.set_defaults(func=cmd_status)
     backfill = sub.add_parser(
         "backfill", help="download a range of TLC months into raw/ (skips what is there)")

@@ -285,3 +285,77 @@ def test_reconcile_re_emits_what_never_reached_the_warehouse(
     assert wait_loaded(settings, uri, generation) == sample.expected_good
     assert main(["reconcile", "--older-than-minutes", "0", "--dry-run"]) == 0
     assert "nothing to re-emit" in capsys.readouterr().out
+
+
+def test_status_answers_for_any_name_of_any_object_and_lists_the_board(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from taxi_pipeline.cli import main
+
+    settings = use_stack_settings(stack, monkeypatch)
+    store = LocalStore(settings.bucket_dir)
+    sample = generate_month("yellow", 2019, 2, 2_000, seed=17)
+    spaced = f"{settings.raw_prefix}yellow/2019/yellow_tripdata_2019-02 copy é.parquet"
+    path = drop(write_month(sample, tmp_path / "s.parquet"), settings, spaced)
+    bogus = f"{settings.raw_prefix}green/2019/green_tripdata_2019-03.parquet"
+    (tmp_path / "bogus").write_text("not parquet at all\n")
+    bogus_uri = drop(tmp_path / "bogus", settings, bogus).as_uri()
+    raw = store.ref(spaced)
+    assert "%20" in raw.uri  # events name it by its percent-encoded URI
+    assert wait_loaded(settings, raw.uri, raw.generation) == sample.expected_good
+    wait_events([events.LOAD_COMPLETED], raw.uri.replace("/raw/", "/processed/"))
+    wait_events([events.OBJECT_QUARANTINED], bogus_uri,
+                timeout=settings.stall_seconds + LOAD_TIMEOUT)
+    capsys.readouterr()
+
+    def status(*args: str) -> tuple[int, str, str]:
+        code = main(["status", *args])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in out + err
+        return code, out, err
+
+    # The space name, encoded or not, its URI, its absolute path, its file name, its
+    # processed name: the whole story (processed and load events too) and its rows.
+    processed = sibling_name(spaced, settings.raw_prefix, settings.processed_prefix)
+    rows = f"{sample.expected_good:,} rows"
+    for target in (spaced, spaced.replace(" ", "%20").replace("é", "%C3%A9"), raw.uri,
+                   str(path), path.name, processed):
+        code, out, err = status(target)
+        assert code == 0, (target, err)
+        assert out.startswith(f"{spaced}: loaded, {rows}"), (target, out)
+        for step in (events.OBJECT_FINALIZED, events.TRANSFORM_COMPLETED,
+                     events.LOAD_COMPLETED):
+            assert step in out, (target, out)
+        assert f"warehouse: {rows} of generation {raw.generation}" in out, (target, out)
+
+    # A quarantined object: by its raw name (gone from raw/) and by its quarantine name.
+    quarantined = sibling_name(bogus, settings.raw_prefix, settings.quarantine_prefix)
+    for target in (bogus, quarantined):
+        code, out, err = status(target)
+        assert code == 0, err
+        assert out.startswith(f"{bogus}: quarantined") and "not_parquet" in out, out
+        assert events.OBJECT_QUARANTINED in out
+
+    # A name that names nothing: one clear line, exit 1.
+    code, out, err = status(f"{settings.raw_prefix}yellow/2019/nope.parquet")
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: no object '{settings.raw_prefix}yellow/2019/nope.parquet'")
+    code, _, err = status(str(tmp_path / "s.parquet"))
+    assert code == 1 and "outside the bucket directory" in err
+
+    # The board: one line per object, loaded and quarantined ones included.
+    code, out, _ = status(settings.raw_prefix)
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if spaced in line or bogus in line}
+    assert lines["loaded"].split()[1] == f"{sample.expected_good:,}"
+    assert "not_parquet" in lines["quarantined"]
+    code, out, _ = status(settings.raw_prefix, "--json")
+    board = {o["object"]: o for o in json.loads(out)["objects"]}
+    assert board[spaced]["stage"] == "loaded" and board[spaced]["rows"] == sample.expected_good
+    assert board[spaced]["seconds_to_load"] > 0
+    assert board[bogus]["stage"] == "quarantined"
+    code, out, _ = status("--stalled", f"{settings.raw_prefix}yellow/2019/")
+    assert code == 0 and out.startswith("nothing stalled"), out

@@ -36,6 +36,11 @@ class Warehouse(Protocol):
         """(source generation, rows) of the last load of `source_uri`, or None."""
         ...
 
+    def loads(self) -> list[dict[str, object]]:
+        """The load log (table_name, source_uri, source_generation, object_uri,
+        object_generation, rows, loaded_at), newest first."""
+        ...
+
 
 def warehouse_from_settings(settings: Settings) -> Warehouse:
     """DuckDB for `local`; BigQuery (the emulator's or Google's) for `emulator` and `gcp`."""
