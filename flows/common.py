@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, get_run_logger
 from prefect.client.schemas.objects import State, TaskRun
@@ -15,6 +15,9 @@ from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.settings import Settings, get_settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def current_object(store: ObjectStore, uri: str, generation: int | None) -> tuple[
@@ -48,9 +51,16 @@ class RunContext:
 
 
 # Transient failures (storage, warehouse, API) are retried with growing waits; bad
-# input is not retried, because it would fail the same way every time.
+# input is not retried, because it would fail the same way every time. These are
+# the decorators' defaults; runs use TAXI_TASK_RETRY_DELAYS through `transient`.
 TRANSIENT_RETRIES = 3
 RETRY_DELAYS = [2.0, 10.0, 30.0]
+
+
+def transient(step: Task[P, R], settings: Settings) -> Task[P, R]:
+    """`step` retried once per wait of `settings.task_retry_delays`."""
+    delays = list(settings.task_retry_delays)
+    return step.with_options(retries=len(delays), retry_delay_seconds=delays or 0)
 
 
 def retry_unless(*permanent: type[BaseException]) -> Any:

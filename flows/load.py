@@ -18,6 +18,7 @@ from flows.common import (
     emit,
     object_run_name,
     retry_unless,
+    transient,
 )
 from flows.tlc_schema import CANONICAL_SCHEMA
 from taxi_pipeline import events
@@ -55,7 +56,7 @@ def load(object_uri: str, generation: int | None = None,
         return run.skipped
     settings, store, obj = run.settings, run.store, run.obj
     try:
-        result, table_uri = load_object(store, obj)
+        result, table_uri = transient(load_object, settings)(store, obj)
     except Exception as exc:
         emit(events.LOAD_FAILED, obj, settings, payload={"error": f"{type(exc).__name__}: {exc}"})
         raise

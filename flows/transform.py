@@ -29,6 +29,7 @@ from flows.common import (
     emit,
     object_run_name,
     retry_unless,
+    transient,
 )
 from flows.transform_core import BadInputFile, TransformStats, transform_parquet
 from taxi_pipeline import events
@@ -153,9 +154,9 @@ def transform(object_uri: str, generation: int | None = None,
         # failed counts as written, as it did make a new generation.
         before = current_generation(
             store, sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix))
-        stats, processed, rejects = transform_object(store, obj, settings)
+        stats, processed, rejects = transient(transform_object, settings)(store, obj, settings)
     except BadInputFile as error:
-        quarantine_uri = quarantine(store, obj, error, settings)
+        quarantine_uri = transient(quarantine, settings)(store, obj, error, settings)
         return {"status": "quarantined", "reason": str(error), "quarantine_uri": quarantine_uri}
     except Exception as exc:
         emit(events.TRANSFORM_FAILED, obj, settings,

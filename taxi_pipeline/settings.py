@@ -198,6 +198,13 @@ class Settings(BaseSettings):
         "`pipeline.recovery.exhausted` alerts; empty = the event and an ERROR log only.",
     )
 
+    task_retry_delays: list[float] = Field(
+        default=[2.0, 10.0, 30.0], max_length=10,
+        description="Waits (seconds) before each retry of a transform or load step that "
+        "failed on a transient error (storage, warehouse, API); one retry per wait. "
+        "JSON list, e.g. TAXI_TASK_RETRY_DELAYS='[2, 10, 30]'.",
+    )
+
     # -- transform ---------------------------------------------------------------
     batch_rows: int = Field(
         default=131_072, ge=1_024, description="Rows per streamed batch (bounds memory)."

@@ -59,7 +59,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     home = tmp_path_factory.mktemp("recovery-home")
     settings = Settings(profile="local", home=home, bucket=str(home / "bucket"),
                         stall_seconds=5, reconcile_every_minutes=0.5,
-                        reconcile_after_minutes=0.25)
+                        reconcile_after_minutes=0.25,
+                        # A failing write fails its run after two quick retries, not 42 s.
+                        task_retry_delays=[1.0, 1.0])
     env = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": str(SCHEDULER_LOOP_SECONDS)}
     with running_stack(settings, env) as running:
         yield running

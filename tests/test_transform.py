@@ -747,6 +747,7 @@ def test_the_flow_re_emits_a_kept_processed_object_and_says_so(
     monkeypatch.setattr(transform_flow, "begin",
                         lambda *args: RunContext(settings, store, store.ref(obj.name), {}))
     monkeypatch.setattr(transform_flow, "transform_object", transform_object.fn)
+    monkeypatch.setattr(transform_flow, "transient", lambda step, settings: step)
     monkeypatch.setattr(transform_flow, "create_table_artifact", lambda **kwargs: None)
     monkeypatch.setattr(transform_flow, "emit", lambda name, obj, settings, **kw: emitted.append(
         (name, kw["payload"])))
@@ -776,3 +777,14 @@ def test_output_of() -> None:
     assert output_of(None, ref) == "written"
     assert output_of(6, ref) == "written"
     assert output_of(7, ref) == "unchanged"
+
+
+def test_transient_steps_retry_once_per_configured_wait() -> None:
+    from flows.common import transient
+
+    settings = Settings(profile="local", task_retry_delays=[1.0, 4.0])
+    step = transient(transform_object, settings)
+    assert (step.retries, step.retry_delay_seconds) == (2, [1.0, 4.0])
+    assert step.retry_condition_fn is transform_object.retry_condition_fn  # bad input: no retry
+    none = transient(transform_object, Settings(profile="local", task_retry_delays=[]))
+    assert none.retries == 0
