@@ -26,8 +26,6 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from taxi_pipeline import events
-from taxi_pipeline.event_delivery import EventDelivery
 from taxi_pipeline.local_stack import LocalStack
 from taxi_pipeline.objects import ObjectRef, sibling_name
 from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
@@ -231,28 +229,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _reemit(settings: Settings, targets: list[str]) -> int:
-    store = store_from_settings(settings)
-    refs: list[ObjectRef] = []
-    for target in targets:
-        try:
-            name = store.name_of(target) if "://" in target else target
-            refs.append(store.ref(name))
-        except (ObjectNotFound, ValueError) as exc:
-            print(f"skipping {target}: {exc}", file=sys.stderr)
-    if not refs:
-        return 1
-    prefixes = settings.stage_prefixes
-    to_send = [events.object_finalized(ref, prefixes, reemit=True) for ref in refs]
-    async with EventDelivery() as delivery:
-        stored = await delivery.deliver(to_send, timeout=30)
-    for event in to_send:
-        state = "stored" if event.id in stored else "NOT CONFIRMED (retry)"
-        print(f"{event.resource.id} generation {event.resource[events.LABEL_GENERATION]}: "
-              f"re-emitted as {event.id} ({state})")
-    return 0 if len(stored) == len(to_send) else 1
-
-
 def _valid_settings() -> Settings:
     """The settings, checked for the profile (GCP names) before anything starts."""
     settings = get_settings()
@@ -278,8 +254,23 @@ def _with_api(settings: Settings, coroutine: Coroutine[Any, Any, int]) -> int:
 
 def cmd_reemit(args: argparse.Namespace) -> int:
     """Re-emit `storage.object.finalized` (fresh id, reemit label): run the chain again."""
+    from taxi_pipeline.reemit import parse_when, reemit
+
     settings = _valid_settings()
-    return _with_api(settings, _reemit(settings, args.objects))
+    if not (args.objects or args.stage or args.since or args.until or args.event_id):
+        raise SystemExit("error: say what to re-emit: objects or a prefix (raw/ is every raw "
+                         "object), --stage, --since/--until or --event-id")
+    if args.rate is not None and args.rate <= 0:
+        raise SystemExit("error: --rate must be a positive number of events per second")
+    try:
+        since, until = (parse_when(t) if t else None for t in (args.since, args.until))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    run = reemit(settings, args.objects, stage=args.stage, since=since, until=until,
+                 event_ids=args.event_id or [], dry_run=args.dry_run, rate=args.rate)
+    if args.dry_run and not args.event_id:  # the bucket alone: no server needed
+        return asyncio.run(run)
+    return _with_api(settings, run)
 
 
 async def _reconcile(settings: Settings, older_than: timedelta, dry_run: bool) -> int:
@@ -375,9 +366,25 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--rows", type=int, default=100_000)
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=cmd_sample)
-    reemit = sub.add_parser("reemit", help="process objects again (re-run or backfill)")
-    reemit.add_argument("objects", nargs="+",
-                        help="object URIs or names (raw/... or processed/...)")
+    reemit = sub.add_parser(
+        "reemit", help="process objects again (re-run or backfill)",
+        description="Send storage.object.finalized again (fresh id) for each chosen object, "
+                    "or a copy of a stored event; exit 1 if anything was skipped or unconfirmed.")
+    reemit.add_argument("objects", nargs="*",
+                        help="objects (name of any stage, URI, path, file name) or prefixes "
+                             "ending in / (default: every object of --stage)")
+    reemit.add_argument("--stage", choices=["raw", "processed"],
+                        help="re-emit that stage's copy of each object (processed: the load "
+                             "only); default: the stage of each name, raw for bare prefixes")
+    reemit.add_argument("--since", metavar="TIME",
+                        help="only objects created at or after TIME (ISO, UTC if no zone)")
+    reemit.add_argument("--until", metavar="TIME", help="only objects created before TIME")
+    reemit.add_argument("--event-id", action="append", metavar="UUID",
+                        help="re-send this stored event (fresh id, related to the original); "
+                             "repeatable")
+    reemit.add_argument("--dry-run", action="store_true", help="list what would be sent")
+    reemit.add_argument("--rate", type=float, metavar="N",
+                        help="at most N events per second (default: no limit)")
     reemit.set_defaults(func=cmd_reemit)
     reconcile = sub.add_parser(
         "reconcile", help="re-emit raw objects that landed but never reached the warehouse")

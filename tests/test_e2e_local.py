@@ -20,6 +20,7 @@ from support.local_e2e import (
     drop,
     flow_run_count,
     processes_of,
+    read_events,
     running_stack,
     start_up,
     stop_up,
@@ -249,6 +250,78 @@ def test_reemit_runs_the_chain_again_and_status_tells_the_story(
     assert f"{sample.expected_good:,} rows" in story
 
 
+def test_reemit_by_prefix_dry_run_event_id_and_a_missing_name(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from taxi_pipeline.cli import main
+    from taxi_pipeline.reemit import ORIGINAL_ROLE
+
+    settings = use_stack_settings(stack, monkeypatch)
+    store = LocalStore(settings.bucket_dir)
+    prefix = f"{settings.raw_prefix}green/2018/"
+    expected: dict[str, int] = {}
+    for month in (1, 2, 3):
+        sample = generate_month("green", 2018, month, 1_500, seed=20 + month)
+        name = raw_object_name(settings.raw_prefix, "green", 2018, month)
+        drop(write_month(sample, tmp_path / f"{month}.parquet"), settings, name)
+        expected[name] = sample.expected_good
+    raw = {name: store.ref(name) for name in expected}
+    for name, ref in raw.items():
+        assert wait_loaded(settings, ref.uri, ref.generation) == expected[name]
+    processed = {name: store.ref(sibling_name(name, settings.raw_prefix,
+                                              settings.processed_prefix)).uri
+                 for name in expected}
+    for name in raw:
+        wait_events([events.LOAD_COMPLETED], processed[name])
+    rows = table_rows(settings)
+    transforms = flow_run_count(settings.transform_deployment)
+    loads = flow_run_count(settings.load_deployment)
+    capsys.readouterr()
+
+    # A dry run lists the three and sends nothing (checked below: one more run each, not two).
+    assert main(["reemit", "--dry-run", prefix]) == 0
+    out = capsys.readouterr().out
+    assert out.count("would re-emit") == 4 and "nothing was sent" in out
+
+    assert main(["reemit", "--rate", "20", prefix]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(stored)") == 3
+    assert "emitted 3, confirmed 3, skipped 0, errors 0" in out
+    for name, ref in raw.items():
+        wait_events([events.TRANSFORM_COMPLETED], ref.uri, at_least=2, timeout=LOAD_TIMEOUT)
+        done = wait_events([events.LOAD_COMPLETED], processed[name], at_least=2,
+                           timeout=LOAD_TIMEOUT)
+        assert max(done, key=lambda e: e.occurred).payload["status"] == "already_loaded"
+    for name, ref in raw.items():
+        assert len(read_events([events.TRANSFORM_COMPLETED], ref.uri)) == 2, name
+        assert len(read_events([events.LOAD_COMPLETED], processed[name])) == 2, name
+    assert flow_run_count(settings.transform_deployment) == transforms + 3
+    assert flow_run_count(settings.load_deployment) == loads + 3
+    assert table_rows(settings) == rows
+
+    # A stored event by id: sent again with a fresh id, related to the original.
+    first = raw[next(iter(raw))]
+    original = next(e for e in read_events([events.OBJECT_FINALIZED], first.uri)
+                    if events.LABEL_REEMIT not in e.resource)
+    assert main(["reemit", "--event-id", str(original.id)]) == 0
+    assert "(stored)" in capsys.readouterr().out
+    link = f"prefect.event.{original.id}"
+    copies = [e for e in wait_events([events.OBJECT_FINALIZED], first.uri, at_least=3)
+              if any(r.id == link and r.role == ORIGINAL_ROLE for r in e.related)]
+    assert len(copies) == 1 and copies[0].id != original.id
+    assert copies[0].resource[events.LABEL_GENERATION] == str(first.generation)
+    wait_events([events.TRANSFORM_COMPLETED], first.uri, at_least=3, timeout=LOAD_TIMEOUT)
+
+    # A name that names nothing: the others are still listed, and the exit code is 1.
+    missing = f"{prefix}green_tripdata_2018-04.parquet"
+    assert main(["reemit", "--dry-run", first.name, missing]) == 1
+    out, err = capsys.readouterr()
+    assert "would re-emit 1, skipped 1" in out and f"skipping {missing}" in err
+    assert main(["reemit", missing]) == 1
+    assert table_rows(settings) == rows
+
+
 def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
     """`taxi-pipeline up` under a supervisor: SIGTERM leaves no process behind."""
     home = tmp_path / "up-home"
@@ -359,3 +432,4 @@ def test_status_answers_for_any_name_of_any_object_and_lists_the_board(
     assert board[bogus]["stage"] == "quarantined"
     code, out, _ = status("--stalled", f"{settings.raw_prefix}yellow/2019/")
     assert code == 0 and out.startswith("nothing stalled"), out
+
