@@ -788,3 +788,19 @@ def test_transient_steps_retry_once_per_configured_wait() -> None:
     assert step.retry_condition_fn is transform_object.retry_condition_fn  # bad input: no retry
     none = transient(transform_object, Settings(profile="local", task_retry_delays=[]))
     assert none.retries == 0
+
+
+def test_a_failed_write_is_not_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk must fail the run (to be retried), never quarantine a good file."""
+    import errno
+
+    def disk_full(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transform_core, "_write", disk_full)
+    source = _good_parquet(tmp_path / "src.parquet", rows=1_000)
+    with pytest.raises(OSError, match="No space left") as raised:
+        transform_parquet(source, tmp_path / "p.parquet", tmp_path / "r.parquet",
+                          source_uri="x", source_generation=1, taxi_type="yellow",
+                          month=(2024, 1))
+    assert not isinstance(raised.value, BadInputFile)
