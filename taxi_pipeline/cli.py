@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import shlex
 import shutil
 import signal
 import statistics
@@ -57,10 +58,30 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def raw_dataset_dirs(settings: Settings) -> list[Path]:
+    """`raw/<dataset>/` for every dataset the transform knows, created if missing."""
+    from taxi_pipeline.tlc_download import DATASETS
+
+    made = [settings.bucket_dir / settings.raw_prefix / dataset for dataset in DATASETS]
+    for path in made:
+        path.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _executable() -> str:
+    """How to run this CLI again: the script beside the interpreter, else its name."""
+    beside = Path(sys.executable).with_name("taxi-pipeline")
+    return shlex.quote(str(beside)) if beside.exists() else "taxi-pipeline"
+
+
 def _print_stack(stack: LocalStack, settings: Settings) -> None:
     ui = (stack.api_url or "").removesuffix("/api")
     print(f"Prefect UI and API   {ui}  (API {stack.api_url})")
-    print(f"Drop raw files into  {settings.bucket_dir}/{settings.raw_prefix}<dataset>/<year>/")
+    dirs = raw_dataset_dirs(settings)
+    print(f"Drop raw files into  {settings.bucket_dir}/{settings.raw_prefix}<dataset>/ "
+          f"({', '.join(d.name for d in dirs)}; subfolders are fine)")
+    print(f"Try it               {_executable()} sample yellow 2024-03 && "
+          f"cp yellow_tripdata_2024-03.parquet {shlex.quote(str(dirs[0]))}/")
     print(f"Warehouse (DuckDB)   {settings.warehouse_file}  table {settings.table}")
     if stack.bridge_port:
         print(f"Bridge health        http://127.0.0.1:{stack.bridge_port}/healthz  (/metrics)")
@@ -343,33 +364,88 @@ def cmd_gcp_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Keeps the examples' line breaks; shows a default wherever there is one to show."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if ("default" not in help_text and action.option_strings
+                and action.default is not None and action.default is not False
+                and action.default is not argparse.SUPPRESS):
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("taxi-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _command(sub: Any, name: str, help_text: str, description: str,
+             examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand with a description and examples in its --help."""
+    epilog = "example" + ("s" if len(examples) > 1 else "") + ":\n" + "\n".join(
+        f"  {example}" for example in examples)
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=description, epilog=epilog,
+        formatter_class=_HelpFormatter)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taxi-pipeline", description=__doc__)
+    parser = argparse.ArgumentParser(prog="taxi-pipeline", description=__doc__,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start server, worker and bridge of the local profile "
-                        "(TAXI_PROFILE=emulator: with the Pub/Sub, GCS and BigQuery emulators)")
+    up = _command(
+        sub, "up", "start server, worker and bridge of the local profile "
+        "(TAXI_PROFILE=emulator: with the Pub/Sub, GCS and BigQuery emulators)",
+        "Start the Prefect server, the worker and the bridge, register deployments and "
+        "automations, create raw/<dataset>/ in the bucket directory, print where to drop "
+        "files, and run until Ctrl-C (or SIGTERM), which stops all of it.",
+        ["taxi-pipeline up",
+         "TAXI_HOME=/tmp/taxi taxi-pipeline up   # bucket, warehouse, logs under /tmp/taxi"])
     up.set_defaults(func=cmd_up)
-    demo = sub.add_parser("demo", help="start everything, drop a sample month, wait, report")
+    demo = _command(
+        sub, "demo", "start everything, drop a sample month, wait, report",
+        "Start the stack, drop a synthetic month into raw/ (DROPS times), wait until it is "
+        "queryable, print rows loaded and rejected and seconds from drop to queryable, stop.",
+        ["taxi-pipeline demo", "taxi-pipeline demo --rows 50000 --drops 2"])
     demo.add_argument("--rows", type=int, default=250_000, help="rows in the sample month")
     demo.add_argument("--drops", type=int, default=1,
                       help="drop the month this many times (each drop is a new generation)")
     demo.add_argument("--timeout", type=float, default=180.0,
                       help="seconds to wait for each drop to be loaded")
     demo.set_defaults(func=cmd_demo)
-    sample = sub.add_parser(
-        "sample", help="write a synthetic TLC month (real schema and dirt) to drop in",
-        description="Write a synthetic TLC month to try the pipeline with, e.g. "
-                    "`taxi-pipeline sample yellow 2024-03` -> yellow_tripdata_2024-03.parquet")
-    sample.add_argument("dataset", choices=["yellow", "green"])
+    sample = _command(
+        sub, "sample", "write a synthetic TLC month (real schema and dirt) to drop in",
+        "Write a synthetic TLC month (the real schema, and its real dirt: rows the quality "
+        "rules reject) to try the pipeline with.",
+        ["taxi-pipeline sample yellow 2024-03   # -> ./yellow_tripdata_2024-03.parquet",
+         "taxi-pipeline sample green 2023-12 --rows 5000 -o /tmp/green.parquet"])
+    sample.add_argument("dataset", choices=["yellow", "green"], help="which TLC dataset")
     sample.add_argument("month", help="YYYY-MM")
-    sample.add_argument("-o", "--output", help="file to write (default: the TLC file name)")
-    sample.add_argument("--rows", type=int, default=100_000)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("-o", "--output",
+                        help="file to write (default: <dataset>_tripdata_<YYYY-MM>.parquet)")
+    sample.add_argument("--rows", type=int, default=100_000, help="rows to write")
+    sample.add_argument("--seed", type=int, default=0,
+                        help="random seed (same seed, same file)")
     sample.set_defaults(func=cmd_sample)
-    reemit = sub.add_parser(
-        "reemit", help="process objects again (re-run or backfill)",
-        description="Send storage.object.finalized again (fresh id) for each chosen object, "
-                    "or a copy of a stored event; exit 1 if anything was skipped or unconfirmed.")
+    reemit = _command(
+        sub, "reemit", "process objects again (re-run or backfill)",
+        "Send storage.object.finalized again (fresh id) for each chosen object, "
+        "or a copy of a stored event; exit 1 if anything was skipped or unconfirmed.",
+        ["taxi-pipeline reemit raw/yellow/2024/yellow_tripdata_2024-03.parquet",
+         "taxi-pipeline reemit raw/green/ --since 2024-01-01 --dry-run"])
     reemit.add_argument("objects", nargs="*",
                         help="objects (name of any stage, URI, path, file name) or prefixes "
                              "ending in / (default: every object of --stage)")
@@ -386,19 +462,25 @@ def build_parser() -> argparse.ArgumentParser:
     reemit.add_argument("--rate", type=float, metavar="N",
                         help="at most N events per second (default: no limit)")
     reemit.set_defaults(func=cmd_reemit)
-    reconcile = sub.add_parser(
-        "reconcile", help="re-emit raw objects that landed but never reached the warehouse")
+    reconcile = _command(
+        sub, "reconcile", "re-emit raw objects that landed but never reached the warehouse",
+        "Compare the bucket with the warehouse's load log and re-emit every raw object whose "
+        "current generation never loaded and is not on its way (what the reconcile "
+        "deployment does on its schedule).",
+        ["taxi-pipeline reconcile --dry-run", "taxi-pipeline reconcile --older-than-minutes 10"])
     reconcile.add_argument(
         "--older-than-minutes", type=float, default=None,
         help="leave objects alone that landed or had a pipeline event more recently than "
              "this (default: TAXI_RECONCILE_AFTER_MINUTES, 3)")
     reconcile.add_argument("--dry-run", action="store_true", help="list, do not re-emit")
     reconcile.set_defaults(func=cmd_reconcile)
-    status = sub.add_parser(
-        "status", help="one object's events and rows, or a board of every object",
-        description="With an object (URI, name of any stage, file name or absolute path): its "
-                    "stage, events and warehouse rows. With a prefix ending in / (or nothing): "
-                    "one line per object.")
+    status = _command(
+        sub, "status", "one object's events and rows, or a board of every object",
+        "With an object (URI, name of any stage, file name or absolute path): its "
+        "stage, events and warehouse rows. With a prefix ending in / (or nothing): "
+        "one line per object.",
+        ["taxi-pipeline status", "taxi-pipeline status yellow_tripdata_2024-03.parquet",
+         "taxi-pipeline status raw/green/ --stalled"])
     status.add_argument("object", nargs="?", default="",
                         help="object, or prefix for the board (default: every object)")
     status.add_argument("--stalled", action="store_true",
@@ -408,8 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quiet this long counts as stalled (default: "
                              "TAXI_RECONCILE_AFTER_MINUTES, 3)")
     status.set_defaults(func=cmd_status)
-    backfill = sub.add_parser(
-        "backfill", help="download a range of TLC months into raw/ (skips what is there)")
+    backfill = _command(
+        sub, "backfill", "download a range of TLC months into raw/ (skips what is there)",
+        "Download each dataset's months FROM..TO from TAXI_TLC_BASE_URL into raw/, a few at "
+        "once; months already in the bucket are skipped, unpublished ones reported. Exit 1 "
+        "if any month failed.",
+        ["taxi-pipeline backfill --dataset yellow,green --from 2024-01 --to 2024-03",
+         "taxi-pipeline backfill --from 2023-01 --dry-run"])
     backfill.add_argument("--dataset", help="comma-separated, e.g. yellow,green "
                           "(default: TAXI_DOWNLOAD_DATASETS)")
     backfill.add_argument("--from", dest="from_month", required=True, metavar="YYYY-MM")
@@ -423,10 +510,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="say what is in the bucket and what would be downloaded; "
                                "send no request")
     backfill.set_defaults(func=cmd_backfill)
-    gcp = sub.add_parser("gcp", help="Google Cloud resources of the gcp/emulator profiles")
+    gcp = _command(
+        sub, "gcp", "Google Cloud resources of the gcp/emulator profiles",
+        "Manage the Google Cloud resources the gcp and emulator profiles use.",
+        ["taxi-pipeline gcp setup"])
     gcp_sub = gcp.add_subparsers(dest="gcp_command", required=True)
-    gcp_setup = gcp_sub.add_parser("setup", help="create bucket, Pub/Sub topics, subscriptions "
-                                   "and the bucket notification (idempotent)")
+    gcp_setup = _command(
+        gcp_sub, "setup", "create bucket, Pub/Sub topics, subscriptions and the bucket "
+        "notification (idempotent)",
+        "Create the bucket, the Pub/Sub topics and subscriptions and the bucket notification "
+        "named by the TAXI_* settings; what exists is left as it is.",
+        ["TAXI_PROFILE=emulator taxi-pipeline gcp setup   # against the running emulators"])
     gcp_setup.set_defaults(func=cmd_gcp_setup)
     return parser
 
