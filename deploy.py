@@ -213,7 +213,9 @@ def deploy(settings: Settings | None = None) -> dict[str, UUID]:
         "backfill": register(backfill, "backfill", settings),
     }
     automations = pipeline_automations(ids["transform"], ids["load"], ids["recover"],
-                                       asyncio.run(alert_block_id(settings)))
+                                       asyncio.run(alert_block_id(settings)),
+                                       download_deployment_id=ids["download"],
+                                       no_data_hours=settings.alert_no_data_hours)
     outcome = asyncio.run(apply_automations(automations))
     for name, what in outcome.items():
         log.info("automation %r %s", name, what)

@@ -7,8 +7,17 @@ profiles. One flow run per event: `for_each` on the object URI, threshold 1.
 Recovery: a transform or load run that ends Crashed or Failed, and a landing
 automation whose action fails (the server never retries those), start the
 `recover` deployment, which re-emits the object within an attempt budget and
-reports `pipeline.recovery.exhausted` when the budget is spent; that event is
-forwarded to a notification block when one is configured.
+reports `pipeline.recovery.exhausted` when the budget is spent.
+
+Alerts (`alert_automations`) always exist: with a notification block (TAXI_ALERT_BLOCK)
+they send through it, without one their action does nothing, and the
+automation's own `prefect.automation.triggered` event (in the UI's event feed)
+is the only trace. They fire on a transform, load or download run that ended
+Failed or Crashed, on any `prefect.automation.action.failed`, on a file whose
+rows were all rejected (`pipeline.object.all_rejected`: triggers match labels,
+never payload fields, so the transform emits a distinct event), on
+`pipeline.recovery.exhausted`, and proactively when no raw object has landed
+for TAXI_ALERT_NO_DATA_HOURS.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect.automations import Automation
-from prefect.events.actions import RunDeployment, SendNotification
+from prefect.events.actions import ActionTypes, DoNothing, RunDeployment, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 
 from taxi_pipeline import events
@@ -27,7 +36,14 @@ RAW_LANDED = "taxi-pipeline: raw object landed -> transform"
 PROCESSED_LANDED = "taxi-pipeline: processed object landed -> load"
 RECOVER_FAILED_RUN = "taxi-pipeline: transform/load run crashed or failed -> recover"
 RECOVER_FAILED_ACTION = "taxi-pipeline: landing automation action failed -> recover"
+ALERT_SUFFIX = " -> alert"
 ALERT_EXHAUSTED = "taxi-pipeline: recovery exhausted -> alert"
+ALERT_FAILED_RUN = "taxi-pipeline: transform/load/download run crashed or failed -> alert"
+ALERT_FAILED_ACTION = "taxi-pipeline: automation action failed -> alert"
+ALERT_ALL_REJECTED = "taxi-pipeline: every row of a file rejected -> alert"
+ALERT_NO_DATA = "taxi-pipeline: no raw object landed -> alert"
+ALERTS = (ALERT_FAILED_RUN, ALERT_FAILED_ACTION, ALERT_ALL_REJECTED, ALERT_EXHAUSTED,
+          ALERT_NO_DATA)
 
 # What the recover flow is given; it reads the rest (the run's parameters, or the
 # failed action's triggering event) from the API.
@@ -97,23 +113,91 @@ def recovery_automations(watched_deployment_ids: list[UUID],
     ]
 
 
-def alert_automation(block_document_id: UUID) -> Automation:
-    """`pipeline.recovery.exhausted` -> the configured notification block."""
-    return Automation(
-        name=ALERT_EXHAUSTED,
-        description="Tell a person when automatic recovery of an object gave up.",
-        trigger=_reactive({events.RECOVERY_EXHAUSTED}),
-        actions=[SendNotification(
-            block_document_id=block_document_id,
-            subject="taxi-pipeline: {{ event.resource.id }} needs a person",
-            body="{{ event.payload.message }}",
-        )],
-    )
+def alert_action(block_document_id: UUID | None, subject: str, body: str) -> ActionTypes:
+    """Send through the block when one is configured; otherwise do nothing (the
+    automation still fires, and its `prefect.automation.triggered` event is the log)."""
+    if block_document_id is None:
+        return DoNothing()
+    return SendNotification(block_document_id=block_document_id, subject=subject, body=body)
+
+
+def _alert(name: str, description: str, trigger: EventTrigger, block_document_id: UUID | None,
+           subject: str, body: str) -> Automation:
+    return Automation(name=name, description=description, trigger=trigger,
+                      actions=[alert_action(block_document_id, subject, body)])
+
+
+def alert_automations(watched_deployment_ids: list[UUID], block_document_id: UUID | None,
+                      no_data_hours: float) -> list[Automation]:
+    """Every alert; `watched_deployment_ids` are the transform, load and download deployments.
+
+    `no_data_hours` <= 0 leaves out the proactive "no raw object landed" alert.
+    """
+    found = [
+        _alert(ALERT_FAILED_RUN,
+               "Tell a person when a transform, load or download run ends Failed or Crashed.",
+               _reactive({"prefect.flow-run.Crashed", "prefect.flow-run.Failed"},
+                         match_related={"prefect.resource.role": "deployment",
+                                        "prefect.resource.id": [f"prefect.deployment.{d}"
+                                                                for d in watched_deployment_ids]}),
+               block_document_id,
+               "taxi-pipeline: flow run {{ flow_run.name }} {{ flow_run.state.name }}",
+               "Flow run {{ flow_run.name }} ({{ event.resource.id }}) of deployment "
+               "{{ deployment.name }} ended {{ flow_run.state.name }}: "
+               "{{ flow_run.state.message }}"),
+        _alert(ALERT_FAILED_ACTION,
+               "Tell a person when an automation's action failed (the server never retries "
+               "those).",
+               # Not the alerts' own actions: a failing notification must not alert itself.
+               _reactive({"prefect.automation.action.failed"},
+                         match={"prefect.resource.name": f"!*{ALERT_SUFFIX}"}),
+               block_document_id,
+               "taxi-pipeline: automation {{ event.resource['prefect.resource.name'] }} "
+               "action failed",
+               "{{ event.payload.reason }}"),
+        _alert(ALERT_ALL_REJECTED,
+               "Tell a person when every row of a raw file was rejected by the transform.",
+               _reactive({events.OBJECT_ALL_REJECTED}),
+               block_document_id,
+               "taxi-pipeline: every row of {{ event.resource.id }} rejected",
+               "{{ event.payload.rows_rejected }} of {{ event.payload.rows_in }} rows rejected "
+               "({{ event.payload.rejected_by_reason }}); rejects: "
+               "{{ event.payload.rejects_uri }}"),
+        _alert(ALERT_EXHAUSTED,
+               "Tell a person when automatic recovery of an object gave up.",
+               _reactive({events.RECOVERY_EXHAUSTED}),
+               block_document_id,
+               "taxi-pipeline: {{ event.resource.id }} needs a person",
+               "{{ event.payload.message }}"),
+    ]
+    if no_data_hours > 0:
+        found.append(_alert(
+            ALERT_NO_DATA,
+            f"Tell a person when no raw object has landed for {no_data_hours:g} hours.",
+            no_raw_landed_trigger(no_data_hours),
+            block_document_id,
+            f"taxi-pipeline: no raw object landed in {no_data_hours:g} hours",
+            f"No `{events.OBJECT_FINALIZED}` event for a raw object in the last "
+            f"{no_data_hours:g} hours (TAXI_ALERT_NO_DATA_HOURS)."))
+    return found
+
+
+def no_raw_landed_trigger(hours: float) -> EventTrigger:
+    """Proactive: fires when fewer than one raw `storage.object.finalized` arrived in `hours`.
+
+    No `for_each`: the absence is of any raw object at all, not of one object.
+    """
+    return EventTrigger(expect={events.OBJECT_FINALIZED},
+                        match={events.LABEL_STAGE: events.STAGE_RAW},
+                        posture=Posture.Proactive, threshold=1,
+                        within=timedelta(hours=hours))
 
 
 def pipeline_automations(transform_deployment_id: UUID, load_deployment_id: UUID,
                          recover_deployment_id: UUID | None = None,
-                         alert_block_id: UUID | None = None) -> list[Automation]:
+                         alert_block_id: UUID | None = None,
+                         download_deployment_id: UUID | None = None,
+                         no_data_hours: float = 0.0) -> list[Automation]:
     found = [
         run_on_landing(RAW_LANDED, events.STAGE_RAW, transform_deployment_id, "transform"),
         run_on_landing(PROCESSED_LANDED, events.STAGE_PROCESSED, load_deployment_id, "load"),
@@ -121,6 +205,8 @@ def pipeline_automations(transform_deployment_id: UUID, load_deployment_id: UUID
     if recover_deployment_id is not None:
         found += recovery_automations([transform_deployment_id, load_deployment_id],
                                       recover_deployment_id)
-    if alert_block_id is not None:
-        found.append(alert_automation(alert_block_id))
+    watched = [transform_deployment_id, load_deployment_id]
+    if download_deployment_id is not None:
+        watched.append(download_deployment_id)
+    found += alert_automations(watched, alert_block_id, no_data_hours)
     return found

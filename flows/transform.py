@@ -13,6 +13,7 @@ generation leaves processed/ at its generation and the load answers
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,7 +84,8 @@ def transform_object(
     # notification starts the load, so everything else must be in place first.
     with (
         store.open_read(obj) as source,
-        store.publish(processed_name, keep_unchanged=True) as processed_path,
+        store.publish(processed_name, keep_unchanged=True,
+                      metadata=lineage_extra(obj)) as processed_path,
         store.publish(rejects_name, keep_unchanged=True) as rejects_path,
     ):
         stats = transform_parquet(
@@ -97,7 +99,16 @@ def transform_object(
             batch_rows=settings.batch_rows,
             ingested_at=landed_at(obj),
         )
-    return stats, store.ref(processed_name), store.ref(rejects_name)
+    processed = store.ref(processed_name)
+    # The local store has no custom metadata: the lineage is in the footer we just wrote.
+    processed = dataclasses.replace(processed, extra={**processed.extra, **lineage_extra(obj)})
+    return stats, processed, store.ref(rejects_name)
+
+
+def lineage_extra(source: ObjectRef) -> dict[str, str]:
+    """The processed object's lineage as `ObjectRef.extra` / GCS custom metadata."""
+    return {events.EXTRA_SOURCE_URI: source.uri,
+            events.EXTRA_SOURCE_GENERATION: str(source.generation)}
 
 
 def current_generation(store: ObjectStore, name: str) -> int | None:
@@ -126,7 +137,8 @@ def announce_kept(processed: ObjectRef, settings: Settings) -> Event | None:
     """
     event = events.object_finalized(processed, settings.stage_prefixes, reemit=True)
     return emit_event(event=event.event, resource=dict(event.resource), payload=event.payload,
-                      id=event.id, occurred=event.occurred)
+                      related=[dict(r) for r in event.related], id=event.id,
+                      occurred=event.occurred)
 
 
 def _summary(obj: ObjectRef, stats: TransformStats) -> list[dict[str, Any]]:
@@ -182,6 +194,26 @@ def transform(object_uri: str, generation: int | None = None,
             "output": output,
         },
     )
+    if stats.rows_in > 0 and stats.rows_out == 0:
+        # Triggers match labels, not payload values: the "every row rejected" alert
+        # needs an event of its own.
+        emit(
+            events.OBJECT_ALL_REJECTED,
+            obj,
+            settings,
+            related=[
+                events.object_role_resource(processed, "output", prefixes),
+                events.object_role_resource(rejects, "rejects", prefixes),
+            ],
+            payload={
+                "rows_in": stats.rows_in,
+                "rows_rejected": stats.rows_rejected,
+                "rejected_by_reason": dict(stats.rejected),
+                "rejects_uri": rejects.uri,
+            },
+        )
+        logger.warning("every row of uri=%s rejected (%d rows): %s", obj.uri, stats.rows_in,
+                       dict(stats.rejected))
     if output == "unchanged":
         announced = announce_kept(processed, settings)
         logger.info("processed uri=%s generation=%s unchanged: re-emitted it (event %s) so "

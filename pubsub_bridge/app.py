@@ -38,6 +38,7 @@ async def run_directory_bridge(settings: Settings, stop: asyncio.Event,
         metrics,
         settle_seconds=settings.settle_seconds,
         stall_seconds=settings.stall_seconds,
+        lineage_prefixes=(settings.processed_prefix,),
     )
     log.info("watching %s (prefixes %s)", store.root, ", ".join(prefixes.values()))
     async with EventDelivery() as delivery:

@@ -33,10 +33,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect.events import Event
 
 from pubsub_bridge.metrics import BridgeMetrics
 from taxi_pipeline import events
+from taxi_pipeline.lineage import lineage_of
 from taxi_pipeline.objects import ObjectRef, dataset_of, stage_of
 from taxi_pipeline.storage.base import ObjectNotFound
 from taxi_pipeline.storage.local import (
@@ -177,9 +180,13 @@ class DirectorySource:
         settle_seconds: float = 1.0,
         stall_seconds: float = 120.0,
         writers: OpenForWriting | None = None,
+        lineage_prefixes: tuple[str, ...] = (),
     ) -> None:
         self.store = store
         self.prefixes = prefixes
+        # Objects under these prefixes (the processed one) are announced with the
+        # lineage in their parquet footer: the raw object they were made from.
+        self.lineage_prefixes = lineage_prefixes
         self.state_path = state_path
         self.metrics = metrics
         self.settle = settle_seconds
@@ -277,6 +284,7 @@ class DirectorySource:
             if not self._complete(ref, watch, quiet):
                 return None
             ref = dataclasses.replace(ref, md5_hash=self.store.md5(ref.name))
+            ref = self._with_lineage(ref)
         except Exception as exc:
             del self.watching[ref.name]
             self._reject(_failure(ref, ref.uri, exc), exc)
@@ -285,6 +293,22 @@ class DirectorySource:
         self.in_flight[ref.name] = ref.generation
         self.metrics.received.inc()
         return ref
+
+    def _with_lineage(self, ref: ObjectRef) -> ObjectRef:
+        """`ref` with the footer's lineage in `extra`; unchanged when there is none.
+
+        Reads the footer only, and never fails the announcement: an unreadable
+        footer announces the object without links (the load will say why).
+        """
+        if not (self.lineage_prefixes and ref.name.startswith(self.lineage_prefixes)
+                and ref.name.endswith(".parquet")):
+            return ref
+        try:
+            found = lineage_of(pq.read_metadata(self.store.root / ref.name).metadata)
+        except (OSError, pa.ArrowException) as exc:
+            log.info("no lineage for uri=%s: %s", ref.uri, exc)
+            return ref
+        return dataclasses.replace(ref, extra={**ref.extra, **found}) if found else ref
 
     def _complete(self, ref: ObjectRef, watch: _Watch, quiet: float) -> bool:
         """Settled; is it finished? Raises OSError when the file cannot be read."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
 
 FINALIZE = "OBJECT_FINALIZE"
@@ -84,6 +85,11 @@ def parse_notification(attributes: Mapping[str, str], data: bytes, scope: Scope)
     if not name.startswith(scope.prefixes):
         raise Ignored("prefix")
     size = resource.get("size")
+    # The transform sets the lineage as custom metadata on processed objects (GCS).
+    metadata = resource.get("metadata")
+    lineage = {k: str(v) for k, v in metadata.items()
+               if k in (events.EXTRA_SOURCE_URI, events.EXTRA_SOURCE_GENERATION)
+               } if isinstance(metadata, dict) else {}
     return ObjectRef(
         bucket=bucket,
         name=name,
@@ -95,4 +101,5 @@ def parse_notification(attributes: Mapping[str, str], data: bytes, scope: Scope)
         content_type=resource.get("contentType"),
         created=_time(resource.get("timeCreated")),
         updated=_time(resource.get("updated")),
+        extra=lineage,
     )

@@ -26,6 +26,7 @@ LOAD_STARTED = "pipeline.load.started"
 LOAD_COMPLETED = "pipeline.load.completed"
 LOAD_FAILED = "pipeline.load.failed"
 OBJECT_QUARANTINED = "pipeline.object.quarantined"
+OBJECT_ALL_REJECTED = "pipeline.object.all_rejected"
 NOTIFICATION_REJECTED = "pipeline.notification.rejected"
 RECOVERY_ATTEMPTED = "pipeline.recovery.attempted"
 RECOVERY_EXHAUSTED = "pipeline.recovery.exhausted"
@@ -65,6 +66,35 @@ def object_resource(obj: ObjectRef, prefixes: dict[str, str]) -> dict[str, str]:
     }
 
 
+# ObjectRef.extra keys a source fills from the object's lineage (a processed
+# object's parquet footer locally, its GCS custom metadata on GCS).
+EXTRA_SOURCE_URI = "taxi_pipeline.source_uri"
+EXTRA_SOURCE_GENERATION = "taxi_pipeline.source_generation"
+
+
+def lineage_related(obj: ObjectRef) -> list[RelatedResource]:
+    """The raw object generation a processed object was made from, role `source`.
+
+    Empty for an object without lineage (a raw object, or a source that has none).
+    The transform run that wrote it is not here: nothing about the run is in the
+    object's bytes (a re-transform keeps them, and its generation, unchanged); the
+    run's `pipeline.transform.completed` links it, with this object as `output`.
+    """
+    source = obj.extra.get(EXTRA_SOURCE_URI)
+    if not source:
+        return []
+    return [RelatedResource(source_resource(source, obj.extra.get(EXTRA_SOURCE_GENERATION)))]
+
+
+def source_resource(source_uri: str, generation: int | str | None) -> dict[str, str]:
+    """The raw object generation a processed object was made from, as a related resource."""
+    related = {"prefect.resource.id": source_uri, "prefect.resource.role": "source",
+               "prefect.resource.name": source_uri.rsplit("/", 1)[-1]}
+    if generation is not None and str(generation):
+        related[LABEL_GENERATION] = str(generation)
+    return related
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
@@ -99,6 +129,7 @@ def object_finalized(
         id=uuid.uuid4() if reemit else object_event_id(obj.bucket, obj.name, obj.generation),
         event=OBJECT_FINALIZED,
         resource=Resource(resource),
+        related=lineage_related(obj),
         payload={k: v for k, v in payload.items() if v is not None},
     )
 

@@ -25,6 +25,15 @@ def lineage_metadata(source_uri: str, source_generation: int) -> dict[bytes, byt
             METADATA_SOURCE_GENERATION: str(source_generation).encode()}
 
 
+def lineage_of(metadata: dict[bytes, bytes] | None) -> dict[str, str]:
+    """The lineage keys of footer metadata, as text (empty when there are none)."""
+    found = {}
+    for key in (METADATA_SOURCE_URI, METADATA_SOURCE_GENERATION):
+        if metadata and key in metadata:
+            found[key.decode()] = metadata[key].decode(errors="replace")
+    return found
+
+
 def read_lineage(store: ObjectStore, obj: ObjectRef) -> tuple[str, int]:
     """(source URI, source generation) from the parquet footer's key-value metadata."""
     with store.open_read(obj) as handle:

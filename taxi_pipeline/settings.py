@@ -194,8 +194,14 @@ class Settings(BaseSettings):
     )
     alert_block: str = Field(
         default="",
-        description="Name of a Prefect notification block (Slack, email, ...) that gets "
-        "`pipeline.recovery.exhausted` alerts; empty = the event and an ERROR log only.",
+        description="Prefect notification block (`<block-type-slug>/<name>`, e.g. "
+        "slack-webhook/taxi-alerts) the alert automations send through; empty = the alert "
+        "automations still exist and fire, but only their events record it.",
+    )
+    alert_no_data_hours: float = Field(
+        default=24.0, ge=0,
+        description="Alert when no raw object has landed for this many hours "
+        "(a proactive automation); 0 = no such alert.",
     )
 
     task_retry_delays: list[float] = Field(

@@ -629,3 +629,30 @@ def test_the_bridge_loop_retries_a_rejection_the_server_did_not_take(
         run_until(loop, lambda: len(scans) >= polls + 10)
         assert len(delivery.emitted) == 1  # stored once, then remembered
         assert delivery.emitted[0].payload["why"] == SYMLINK
+
+
+def test_a_processed_object_is_announced_with_the_lineage_in_its_footer(
+        store: LocalStore, tmp_path: Path) -> None:
+    from taxi_pipeline.lineage import lineage_metadata
+    table = pa.table({"a": [1, 2]})
+    source_uri = (store.root / GOOD).as_uri()
+    with_lineage = tmp_path / "p.parquet"
+    pq.write_table(table.replace_schema_metadata(lineage_metadata(source_uri, 41)), with_lineage)
+    without = tmp_path / "n.parquet"
+    pq.write_table(table, without)
+    processed = "processed/yellow/2024/yellow_tripdata_2024-01.parquet"
+    bare = "processed/yellow/2024/yellow_tripdata_2024-02.parquet"
+    write(store, processed, with_lineage.read_bytes())
+    write(store, bare, without.read_bytes())
+    write(store, GOOD, with_lineage.read_bytes())  # lineage outside processed/ is not read
+    source = DirectorySource(store, list(PREFIXES.values()), tmp_path / "state" / "bridge.json",
+                             BridgeMetrics(), settle_seconds=0.5, stall_seconds=10.0,
+                             writers=OpenForWriting(store.root, proc="/nonexistent"),
+                             lineage_prefixes=("processed/",))
+    refs = {r.name: r for r in source.scan(now=0.0) + source.scan(now=0.5)}
+    assert set(refs) == {processed, bare, GOOD}
+    assert refs[processed].extra == {events.EXTRA_SOURCE_URI: source_uri,
+                                     events.EXTRA_SOURCE_GENERATION: "41"}
+    assert refs[bare].extra == {} and refs[GOOD].extra == {}
+    (link,) = events.object_finalized(refs[processed], PREFIXES).related
+    assert link.id == source_uri and link.role == "source"

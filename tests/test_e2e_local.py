@@ -433,3 +433,50 @@ def test_status_answers_for_any_name_of_any_object_and_lists_the_board(
     code, out, _ = status("--stalled", f"{settings.raw_prefix}yellow/2019/")
     assert code == 0 and out.startswith("nothing stalled"), out
 
+
+def test_the_alerts_exist_and_a_file_with_every_row_rejected_fires_one(
+        stack: LocalStack, tmp_path: Path) -> None:
+    """No TAXI_ALERT_BLOCK: every alert automation still exists, and fires (doing nothing)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.actions import DoNothing
+
+    from automations.definitions import ALERT_ALL_REJECTED, ALERT_NO_DATA, ALERTS
+
+    async def automations() -> dict[str, Any]:
+        async with get_client() as client:
+            return {a.name: a for a in await client.read_automations()}
+
+    found = asyncio.run(automations())
+    assert set(ALERTS) <= set(found)
+    for name in ALERTS:
+        assert [type(a) for a in found[name].actions] == [DoNothing], name
+    assert found[ALERT_NO_DATA].trigger.posture == "Proactive"  # type: ignore[union-attr]
+
+    # June's name, May's trips: every pickup is outside the file's month.
+    settings = stack.settings
+    may = generate_month("yellow", 2022, 5, 2_000, seed=7)
+    name = raw_object_name(settings.raw_prefix, "yellow", 2022, 6)
+    uri = drop(write_month(may, tmp_path / "may.parquet"), settings, name).as_uri()
+    (rejected,) = wait_events([events.OBJECT_ALL_REJECTED], uri, timeout=LOAD_TIMEOUT)
+    assert rejected.payload["rows_in"] == rejected.payload["rows_rejected"] == 2_000
+    assert set(rejected.payload["rejected_by_reason"]) == {"pickup_outside_month"}
+    roles = {r["prefect.resource.role"]: r.id for r in rejected.related}
+    assert roles["rejects"] == rejected.payload["rejects_uri"] and "flow-run" in roles
+
+    # The processed object's events link back to the raw object they came from.
+    processed_uri = roles["output"]
+    landed = wait_events([events.OBJECT_FINALIZED], processed_uri, timeout=LOAD_TIMEOUT)
+    assert (uri, "source") in {(r.id, r.role) for e in landed for r in e.related}
+    (loaded,) = wait_events([events.LOAD_COMPLETED], processed_uri, timeout=LOAD_TIMEOUT)
+    assert (uri, "source") in {(r.id, r.role) for r in loaded.related}
+    assert loaded.payload["rows"] == 0
+
+    alert = f"prefect.automation.{found[ALERT_ALL_REJECTED].id}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        fired = [e for e in read_events(["prefect.automation.triggered"], alert)
+                 if any(r.id == f"prefect.event.{rejected.id}" for r in e.related)]
+        if fired:
+            break
+        time.sleep(0.5)
+    assert fired, f"{ALERT_ALL_REJECTED!r} did not fire for {rejected.id}"

@@ -269,3 +269,18 @@ def test_sibling_name() -> None:
     # outside the from-prefix: the full name goes under the new prefix
     assert sibling_name("incoming/x.parquet", "raw/", "processed/") == (
         "processed/incoming/x.parquet")
+
+
+def test_a_processed_object_with_lineage_links_its_raw_source_and_keeps_its_id() -> None:
+    lineage = {events.EXTRA_SOURCE_URI: f"gs://taxi-bucket/{RAW_NAME}",
+               events.EXTRA_SOURCE_GENERATION: "41"}
+    bare = events.object_finalized(gcs_ref(PROCESSED_NAME, generation=5), PREFIXES)
+    linked = events.object_finalized(gcs_ref(PROCESSED_NAME, generation=5, extra=lineage),
+                                     PREFIXES)
+    assert bare.related == []
+    assert linked.id == bare.id == events.object_event_id("taxi-bucket", PROCESSED_NAME, 5)
+    (source,) = linked.related
+    assert source.id == f"gs://taxi-bucket/{RAW_NAME}"
+    assert source.role == "source"
+    assert source[events.LABEL_GENERATION] == "41"
+    assert source["prefect.resource.name"] == "yellow_tripdata_2024-01.parquet"

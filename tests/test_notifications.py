@@ -372,3 +372,14 @@ def test_two_notifications_of_one_generation_share_the_event_id(settings: Settin
     assert a.event.id == b.event.id
     assert a.event.id != newer.event.id
     assert isinstance(a.event.id, uuid.UUID)
+
+
+def test_lineage_custom_metadata_of_a_processed_object_becomes_its_extra() -> None:
+    lineage = {"taxi_pipeline.source_uri": f"gs://{BUCKET}/{RAW_NAME}",
+               "taxi_pipeline.source_generation": "41", "someone.else": "x"}
+    ref = parse_notification(attributes(PROCESSED_NAME),
+                             data(name=PROCESSED_NAME, metadata=lineage), SCOPE)
+    assert ref.extra == {"taxi_pipeline.source_uri": f"gs://{BUCKET}/{RAW_NAME}",
+                         "taxi_pipeline.source_generation": "41"}
+    assert parse_notification(attributes(), data(), SCOPE).extra == {}
+    assert parse_notification(attributes(), data(metadata="junk"), SCOPE).extra == {}

@@ -56,8 +56,12 @@ class ObjectStore(Protocol):
         ...
 
     def publish(self, name: str, if_generation_match: int | None = None,
-                keep_unchanged: bool = False) -> AbstractContextManager[Path]:
+                keep_unchanged: bool = False,
+                metadata: dict[str, str] | None = None) -> AbstractContextManager[Path]:
         """Yield a local path to write; on clean exit it becomes object `name`.
+
+        `metadata`: custom metadata of the new object where the store has such a
+        thing (GCS, where notifications carry it); the local store has none.
 
         `if_generation_match=0` means "only if absent", another number "only if
         that generation is current"; a lost race raises PreconditionFailed. The

@@ -20,6 +20,7 @@ from google.cloud import storage  # type: ignore[attr-defined]
 from google.cloud.storage.fileio import BlobReader
 from google.cloud.storage.retry import DEFAULT_RETRY
 
+from taxi_pipeline.events import EXTRA_SOURCE_GENERATION, EXTRA_SOURCE_URI
 from taxi_pipeline.objects import ObjectRef, parse_uri
 from taxi_pipeline.storage.base import ObjectNotFound, PreconditionFailed, content_md5
 
@@ -99,6 +100,9 @@ class GcsStore:
         extra = {"metageneration": str(blob.metageneration)} if blob.metageneration else {}
         if blob.storage_class:
             extra["storage_class"] = str(blob.storage_class)
+        for key in (EXTRA_SOURCE_URI, EXTRA_SOURCE_GENERATION):
+            if blob.metadata and key in blob.metadata:
+                extra[key] = str(blob.metadata[key])
         return ObjectRef(
             bucket=self.bucket,
             name=blob.name,
@@ -169,7 +173,8 @@ class GcsStore:
 
     @contextmanager
     def publish(self, name: str, if_generation_match: int | None = None,
-                keep_unchanged: bool = False) -> Iterator[Path]:
+                keep_unchanged: bool = False,
+                metadata: dict[str, str] | None = None) -> Iterator[Path]:
         """Write to a local temporary file; upload it only if the block ends cleanly.
 
         GCS uploads are atomic, so readers and notifications only ever see the
@@ -188,6 +193,8 @@ class GcsStore:
             if keep_unchanged and self._holds_same_bytes(name, tmp, if_generation_match):
                 return
             blob = self._bucket.blob(name)
+            if metadata:
+                blob.metadata = metadata
             try:
                 # Outputs are deterministic, so even an unconditional upload is safe to
                 # retry; with a precondition the library would retry anyway.

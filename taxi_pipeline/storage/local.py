@@ -238,8 +238,12 @@ class LocalStore:
 
     @contextmanager
     def publish(self, name: str, if_generation_match: int | None = None,
-                keep_unchanged: bool = False) -> Iterator[Path]:
+                keep_unchanged: bool = False,
+                metadata: dict[str, str] | None = None) -> Iterator[Path]:
         """Write to a hidden temporary file beside the target; os.replace it on clean exit.
+
+        A file has no custom metadata: `metadata` is ignored (the transform's
+        lineage is in the parquet footer, which the directory source reads).
 
         With `keep_unchanged`, a target that already holds the same bytes is left
         alone: its mtime and ctime, hence its generation, stay as they were, and
