@@ -21,4 +21,4 @@ fi
 # module fixtures): much of an end-to-end test is waiting on schedules and
 # retries, so the other worker's file fills that time. TAXI_TEST_WORKERS=0 runs
 # everything in this process.
-exec .venv/bin/pytest -n "${TAXI_TEST_WORKERS:-2}" --dist loadfile "$@"
+exec .venv/bin/pytest -n "${TAXI_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

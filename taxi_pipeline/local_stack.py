@@ -76,14 +76,18 @@ def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen[bytes] 
                  log_path: Path | None = None) -> None:
     """Poll `/health` until the server answers; fail with its log tail if it dies or stalls."""
     deadline = time.monotonic() + timeout
+    port = int(api_url.rsplit(":", 1)[1].split("/")[0])
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             break
         try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                return
+            healthy = httpx.get(f"{api_url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            pass
+            healthy = False
+        # Another server that took the port first (a second `up` started at the
+        # same moment) answers too: only our own process listening counts.
+        if healthy and (process is None or listens_on(process.pid, port)):
+            return
         time.sleep(0.5)
     tail = ""
     if log_path and log_path.exists():
@@ -92,6 +96,23 @@ def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen[bytes] 
         f"the Prefect server at {api_url} did not become healthy within {timeout:.0f}s. "
         f"Last lines of its log ({log_path}):\n{tail}"
     )
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` (or one of its children) listens on TCP `port`."""
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for process in family:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in process.net_connections(kind="tcp")):
+                return True
+        except psutil.Error:
+            continue
+    return False
 
 
 @dataclass
@@ -204,7 +225,18 @@ class LocalStack:
             }
         )
         self.api_url = api_url
-        self._spawn_server(port)
+        try:
+            self._spawn_server(port)
+        except RuntimeError:
+            if not self.ui or free_port(port) == port:
+                raise
+            # The UI's usual port was taken between our check and the server's bind
+            # (another `up` starting at the same moment): any free port will do.
+            self.processes = [p for p in self.processes if p.name != "prefect-server"]
+            port = free_port(None)
+            self.api_url = api_url = f"http://127.0.0.1:{port}/api"
+            self.env["PREFECT_UI_API_URL"] = api_url
+            self._spawn_server(port)
         self.api_url_file.write_text(api_url)
         return api_url
 

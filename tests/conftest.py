@@ -35,3 +35,17 @@ def isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+
+
+# The longest files run first: with two workers (scripts/test.sh, `--dist loadfile
+# --no-loadscope-reorder`) one worker starts the bursts at once and the other
+# works through everything else meanwhile, instead of the bursts being the tail.
+_FIRST = ("test_e2e_burst.py", "test_e2e_recovery.py", "test_bridge_pubsub.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return _FIRST.index(name) if name in _FIRST else len(_FIRST)
+
+    items.sort(key=rank)  # stable: the order within and among the other files holds
