@@ -326,6 +326,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     from taxi_pipeline.status_board import status
 
     settings = _valid_settings()
+    if args.follow:
+        from taxi_pipeline.status_board import follow
+
+        try:
+            return _with_api(settings, follow(settings, args.object))
+        except KeyboardInterrupt:  # Ctrl-C is how it is meant to end
+            return 0
     minutes = (settings.reconcile_after_minutes if args.older_than_minutes is None
                else args.older_than_minutes)
     return _with_api(settings, status(settings, args.object, stalled=args.stalled,
@@ -480,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stage, events and warehouse rows. With a prefix ending in / (or nothing): "
         "one line per object.",
         ["taxi-pipeline status", "taxi-pipeline status yellow_tripdata_2024-03.parquet",
-         "taxi-pipeline status raw/green/ --stalled"])
+         "taxi-pipeline status raw/green/ --stalled",
+         "taxi-pipeline status --follow raw/yellow/"])
     status.add_argument("object", nargs="?", default="",
                         help="object, or prefix for the board (default: every object)")
     status.add_argument("--stalled", action="store_true",
@@ -489,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--older-than-minutes", type=float, default=None,
                         help="quiet this long counts as stalled (default: "
                              "TAXI_RECONCILE_AFTER_MINUTES, 3)")
+    status.add_argument("--follow", action="store_true",
+                        help="print pipeline events (pipeline.*, storage.object.*) under the "
+                             "prefix, or about the object, as they happen, until Ctrl-C")
     status.set_defaults(func=cmd_status)
     backfill = _command(
         sub, "backfill", "download a range of TLC months into raw/ (skips what is there)",

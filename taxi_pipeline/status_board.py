@@ -16,6 +16,7 @@ never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -840,3 +841,106 @@ def _not_found(target: str, ctx: Context, parsed: Target) -> str:
             f"of it in the load log of {settings.table}. Names look like "
             f"{settings.raw_prefix}yellow/2024/yellow_tripdata_2024-01.parquet; "
             f"`taxi-pipeline status {settings.raw_prefix}` lists every object")
+
+
+# -- status --follow ----------------------------------------------------------------
+
+FOLLOWED = ("pipeline.", "storage.object.")
+
+
+def follow_line(event: Event, name_of: Any) -> str:
+    """One streamed event as a line: time, event, object name, key payload (no I/O).
+
+    `name_of(uri)` gives the object's bucket name, or None for a resource that is
+    not an object of this bucket (then the resource id is shown).
+    """
+    name = name_of(event.resource.id) or event.resource.id
+    generation = _generation(event)
+    detail = " ".join(f"{k}={_short(str(event.payload[k]), 80)}" for k in _SHOWN
+                      if k in event.payload)
+    gen = "" if generation is None else f" (gen {generation})"
+    return (f"{event.occurred.astimezone(UTC):%Y-%m-%d %H:%M:%S}  {event.event:<30} "
+            f"{name}{gen}  {detail}").rstrip()
+
+
+def follow_uris(target: str | None, settings: Settings, store: ObjectStore) -> list[str]:
+    """The resource URI prefixes `--follow TARGET` watches; [] means every object."""
+    parsed = parse_target(target, settings, store)
+    if parsed.prefix is not None:
+        if not parsed.prefix:
+            return []
+        role, key_prefix = split_name(parsed.prefix, settings)
+        if role is None:  # `yellow/` means `raw/yellow/` and its other stages
+            key_prefix = parsed.prefix
+        return [uri_of(store, p + key_prefix) for p in role_prefixes(settings).values()]
+    if parsed.names:
+        return list(Family.of(parsed.names[-1], settings, store).uris.values())
+    raise StatusError(f"--follow takes a prefix ending in / or an object's name "
+                      f"({settings.raw_prefix}...), not a file name to search for: "
+                      f"{parsed.search!r}")
+
+
+async def follow(settings: Settings, target: str | None,
+                 until: datetime | None = None) -> int:
+    """`taxi-pipeline status --follow [PREFIX]`: print pipeline events as they arrive.
+
+    Runs until Ctrl-C (or `until`, when given); the events websocket of the
+    Prefect API, not polling. Exit 0 when stopped, 1 with a message otherwise.
+    """
+    try:
+        store = store_from_settings(settings)
+        prefixes = follow_uris(target, settings, store)
+    except StatusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        await _follow(store, prefixes, target, until)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        return 0
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        from prefect.settings import PREFECT_API_URL
+
+        print(f"error: following events at {PREFECT_API_URL.value()} failed: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _follow(store: ObjectStore, prefixes: list[str], target: str | None,
+                  until: datetime | None) -> None:
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    def name_of(uri: str) -> str | None:
+        try:
+            return store.name_of(uri)
+        except ValueError:
+            return None
+
+    filter_ = EventFilter(event=EventNameFilter(prefix=list(FOLLOWED)))
+    if prefixes:
+        filter_.resource = EventResourceFilter(id_prefix=prefixes)
+    started = datetime.now(UTC)
+    async with get_events_subscriber(filter=filter_, reconnect_on_clean_close=True) as events_:
+        print(f"following pipeline events under {target or 'the bucket'} "
+              "(Ctrl-C to stop)", flush=True)
+        iterator = aiter(events_)
+        while True:
+            timeout = None if until is None else (until - datetime.now(UTC)).total_seconds()
+            if timeout is not None and timeout <= 0:
+                return
+            try:
+                event = await asyncio.wait_for(anext(iterator), timeout)
+            except TimeoutError:
+                return
+            except StopAsyncIteration:
+                return
+            # The subscriber replays the last minute first: only what happens from now on.
+            if event.occurred < started:
+                continue
+            if prefixes and not event.resource.id.startswith(tuple(prefixes)):
+                continue
+            print(follow_line(event, name_of), flush=True)

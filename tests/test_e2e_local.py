@@ -480,3 +480,74 @@ def test_the_alerts_exist_and_a_file_with_every_row_rejected_fires_one(
             break
         time.sleep(0.5)
     assert fired, f"{ALERT_ALL_REJECTED!r} did not fire for {rejected.id}"
+
+
+def test_status_follow_streams_a_dropped_file_and_a_deleted_object_keeps_its_story(
+    stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import os
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    from taxi_pipeline.cli import main
+
+    settings = use_stack_settings(stack, monkeypatch)
+    prefix = f"{settings.raw_prefix}yellow/2018/"
+    env = {**os.environ, "TAXI_HOME": str(settings.home), "TAXI_BUCKET": settings.bucket,
+           "PREFECT_API_URL": str(stack.api_url)}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "taxi_pipeline.cli", "status", "--follow", prefix],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    seen: list[str] = []
+    threading.Thread(target=lambda: [lines.put(x) for x in follower.stdout or ()],
+                     daemon=True).start()
+
+    def wait_line(text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                break
+            seen.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no line with {text!r} within {timeout}s: {seen}")
+
+    try:
+        wait_line("following pipeline events", 120)
+        sample = generate_month("yellow", 2018, 4, 2_000, seed=23)
+        name = raw_object_name(settings.raw_prefix, "yellow", 2018, 4)
+        drop(write_month(sample, tmp_path / "apr.parquet"), settings, name)
+        ref = LocalStore(settings.bucket_dir).ref(name)
+        assert wait_loaded(settings, ref.uri, ref.generation) == sample.expected_good
+        processed = sibling_name(name, settings.raw_prefix, settings.processed_prefix)
+        finalized = wait_line(events.OBJECT_FINALIZED, 60)
+        assert name in finalized and f"gen {ref.generation}" in finalized
+        transformed = wait_line(events.TRANSFORM_COMPLETED, 60)
+        assert name in transformed and f"rows_out={sample.expected_good}" in transformed
+        loaded = wait_line(events.LOAD_COMPLETED, 60)
+        assert processed in loaded and f"rows={sample.expected_good}" in loaded
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=30) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert "Traceback" not in (follower.stderr.read() if follower.stderr else "")
+
+    # Deleted from the bucket after loading: its stored events still tell the story.
+    (settings.bucket_dir / name).unlink()
+    capsys.readouterr()
+    assert main(["status", name]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert out.startswith(f"{name}: loaded, {sample.expected_good:,} rows"), out
+    assert "the raw object is no longer in the bucket" in out
+    assert "not in the bucket" in out
+    for step in (events.OBJECT_FINALIZED, events.TRANSFORM_COMPLETED, events.LOAD_COMPLETED):
+        assert step in out

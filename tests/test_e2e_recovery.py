@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import signal
 import sys
@@ -42,7 +43,7 @@ from support.local_e2e import (
 )
 
 from automations.apply import apply_automations
-from automations.definitions import RAW_LANDED, pipeline_automations
+from automations.definitions import ALERT_FAILED_RUN, RAW_LANDED, pipeline_automations
 from taxi_pipeline import events
 from taxi_pipeline.local_stack import LocalStack
 from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
@@ -176,7 +177,8 @@ def _wait_action_failed(automation: str, uri: str, timeout: float = 120) -> list
 
 
 def test_a_failed_transform_run_is_re_run_and_the_object_loaded(
-        stack: LocalStack, tmp_path: Path) -> None:
+        stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     settings = stack.settings
     name = raw_object_name(settings.raw_prefix, "yellow", 2019, 8)
     # A file where the output directory must go: every write of the transform fails
@@ -189,11 +191,67 @@ def test_a_failed_transform_run_is_re_run_and_the_object_loaded(
     generation = LocalStore(settings.bucket_dir).ref(name).generation
     failed = wait_events([events.TRANSFORM_FAILED], path.as_uri(), timeout=240)
     assert "Error" in failed[0].payload["error"]
+    # While the cause is there, the board says failed (and why); polled, as a re-run
+    # started by the recovery shows the object on its way until it fails again.
+    deadline = time.monotonic() + 60
+    while True:
+        code, out = _status(settings, monkeypatch, capsys, name.rsplit("/", 1)[0] + "/",
+                            "--json")
+        assert code == 0
+        row = {o["object"]: o for o in json.loads(out)["objects"]}[name]
+        if row["stage"] == "failed" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert row["stage"] == "failed" and "transform failed" in row["reason"], row
     blocker.unlink()  # the cause goes away; no command is run
     assert wait_loaded(settings, path.as_uri(), generation) == sample.expected_good
     attempts = wait_events([events.RECOVERY_ATTEMPTED], path.as_uri())
     assert attempts[0].payload["attempt"] == 1
     assert "Failed" in attempts[0].payload["cause"]
+
+    # The alert for failed runs fired for that run's Failed event.
+    run = next(r.id for r in failed[0].related if r.get("prefect.resource.role") == "flow-run")
+    (run_failed,) = wait_events(["prefect.flow-run.Failed"], run, timeout=60)
+    alert = f"prefect.automation.{_automation_id(ALERT_FAILED_RUN)}"
+    deadline = time.monotonic() + 60
+    fired: list[Any] = []
+    while not fired and time.monotonic() < deadline:
+        fired = [e for e in read_events(["prefect.automation.triggered"], alert)
+                 if any(r.id == f"prefect.event.{run_failed.id}" for r in e.related)]
+        time.sleep(0.5)
+    assert fired, f"{ALERT_FAILED_RUN!r} did not fire for {run_failed.id}"
+
+    # Its story shows the failed attempt and the recovery; it ends loaded.
+    code, out = _status(settings, monkeypatch, capsys, name)
+    assert code == 0
+    assert out.startswith(f"{name}: loaded, {sample.expected_good:,} rows"), out
+    for step in (events.TRANSFORM_FAILED, events.RECOVERY_ATTEMPTED, events.LOAD_COMPLETED):
+        assert step in out, out
+
+
+def _automation_id(name: str) -> Any:
+    async def read() -> Any:
+        async with get_client() as client:
+            (found,) = await client.read_automations_by_name(name)
+            return found.id
+
+    return asyncio.run(read())
+
+
+def _status(settings: Settings, monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """`taxi-pipeline status ARGS` in this process, against the module's stack."""
+    from taxi_pipeline.cli import main
+    from taxi_pipeline.settings import get_settings
+
+    for key, value in {"TAXI_HOME": str(settings.home), "TAXI_BUCKET": settings.bucket}.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    capsys.readouterr()
+    code = main(["status", *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out
 
 
 def test_ctrl_c_on_up_during_a_flow_run_leaves_nothing_behind(tmp_path: Path) -> None:

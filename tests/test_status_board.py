@@ -387,3 +387,39 @@ def test_status_of_a_processed_name_shows_the_rows_of_its_source(
     put(store, "raw/green/2024/my trips é.parquet")
     code, _, err = run(settings, "my trips é.parquet", capsys)
     assert code == 1 and "matches 2 objects" in err
+
+
+# -- status --follow -------------------------------------------------------------------
+
+
+def test_a_followed_event_is_one_line_with_its_object_and_key_payload(
+        settings: Settings, store: LocalStore, family: Family) -> None:
+    at = datetime(2026, 1, 10, 12, 0, 5, tzinfo=UTC)
+    loaded = event(events.LOAD_COMPLETED, family.uris[PROCESSED], 7, at,
+                   rows=1234, status="loaded", table="trips")
+    line = status_board.follow_line(loaded, store.name_of)
+    assert line.startswith("2026-01-10 12:00:05  pipeline.load.completed")
+    assert family.names[PROCESSED] + " (gen 7)" in line
+    assert "status=loaded rows=1234" in line and "table" not in line
+    failed = event(events.TRANSFORM_FAILED, family.uris[RAW], None, at,
+                   error="boom\n  at line 3")
+    assert status_board.follow_line(failed, store.name_of).endswith(
+        f"{NAME}  error=boom at line 3")
+
+    def nothing(uri: str) -> None:
+        return None
+
+    other = event(events.RECONCILE_COMPLETED, "taxi-pipeline.reconcile", None, at, emitted=0)
+    assert "taxi-pipeline.reconcile" in status_board.follow_line(other, nothing)
+
+
+def test_follow_watches_every_stage_of_a_prefix_or_one_object(
+        settings: Settings, store: LocalStore, family: Family) -> None:
+    assert status_board.follow_uris("", settings, store) == []
+    watched = status_board.follow_uris("raw/yellow/", settings, store)
+    assert watched == [status_board.uri_of(store, p + "yellow/")
+                       for p in ("raw/", "processed/", "rejects/", "quarantine/")]
+    assert status_board.follow_uris("yellow/", settings, store) == watched
+    assert status_board.follow_uris(NAME, settings, store) == list(family.uris.values())
+    with pytest.raises(StatusError, match="--follow takes a prefix"):
+        status_board.follow_uris("yellow_tripdata_2024-01.parquet", settings, store)
