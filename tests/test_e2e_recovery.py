@@ -221,7 +221,10 @@ def test_a_failed_transform_run_is_re_run_and_the_object_loaded(
         time.sleep(0.5)
     assert fired, f"{ALERT_FAILED_RUN!r} did not fire for {run_failed.id}"
 
-    # Its story shows the failed attempt and the recovery; it ends loaded.
+    # Its story shows the failed attempt and the recovery; it ends loaded (the load's
+    # event is stored just after its commit: waited for).
+    wait_events([events.LOAD_COMPLETED], path.as_uri().replace(
+        f"/{settings.raw_prefix}", f"/{settings.processed_prefix}"))
     code, out = _status(settings, monkeypatch, capsys, name)
     assert code == 0
     assert out.startswith(f"{name}: loaded, {sample.expected_good:,} rows"), out
