@@ -176,42 +176,17 @@ def transform(object_uri: str, generation: int | None = None,
         raise
     output = output_of(before, processed)
     prefixes = settings.stage_prefixes
-    emit(
-        events.TRANSFORM_COMPLETED,
-        obj,
-        settings,
-        related=[
-            events.object_role_resource(processed, "output", prefixes),
-            events.object_role_resource(rejects, "rejects", prefixes),
-        ],
-        payload={
-            "rows_in": stats.rows_in,
-            "rows_out": stats.rows_out,
-            "rows_rejected": stats.rows_rejected,
-            "rejected_by_reason": dict(stats.rejected),
-            "processed_uri": processed.uri,
-            "rejects_uri": rejects.uri,
-            "output": output,
-        },
-    )
+    outputs = [events.object_role_resource(processed, "output", prefixes),
+               events.object_role_resource(rejects, "rejects", prefixes)]
+    counts = {"rows_in": stats.rows_in, "rows_out": stats.rows_out,
+              "rows_rejected": stats.rows_rejected,
+              "rejected_by_reason": dict(stats.rejected), "rejects_uri": rejects.uri}
+    emit(events.TRANSFORM_COMPLETED, obj, settings, related=outputs,
+         payload={**counts, "processed_uri": processed.uri, "output": output})
     if stats.rows_in > 0 and stats.rows_out == 0:
         # Triggers match labels, not payload values: the "every row rejected" alert
         # needs an event of its own.
-        emit(
-            events.OBJECT_ALL_REJECTED,
-            obj,
-            settings,
-            related=[
-                events.object_role_resource(processed, "output", prefixes),
-                events.object_role_resource(rejects, "rejects", prefixes),
-            ],
-            payload={
-                "rows_in": stats.rows_in,
-                "rows_rejected": stats.rows_rejected,
-                "rejected_by_reason": dict(stats.rejected),
-                "rejects_uri": rejects.uri,
-            },
-        )
+        emit(events.OBJECT_ALL_REJECTED, obj, settings, related=outputs, payload=counts)
         logger.warning("every row of uri=%s rejected (%d rows): %s", obj.uri, stats.rows_in,
                        dict(stats.rejected))
     if output == "unchanged":
