@@ -541,6 +541,8 @@ def test_status_follow_streams_a_dropped_file_and_a_deleted_object_keeps_its_sto
     assert "Traceback" not in (follower.stderr.read() if follower.stderr else "")
 
     # Deleted from the bucket after loading: its stored events still tell the story.
+    # (The websocket can show an event before the events API returns it: waited for.)
+    wait_events([events.LOAD_COMPLETED], LocalStore(settings.bucket_dir).ref(processed).uri)
     (settings.bucket_dir / name).unlink()
     capsys.readouterr()
     assert main(["status", name]) == 0
