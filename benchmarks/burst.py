@@ -8,7 +8,9 @@ deployments, automations), N small valid files (both datasets, distinct months)
 are copied into raw/ at once, and nothing else is done: the bridge,
 automations, recover and reconcile deployments must load them. Printed per
 database: seconds until all are queryable, flow runs created per second, runs
-that did not complete, files loaded exactly once, the bridge's peak RSS. The
+that did not complete, files loaded exactly once, the bridge's peak RSS, and
+CPU seconds per flow run of each stack process (forked runs counted under the
+fork server `flow-runs`; PostgreSQL is not counted). The
 two rows are measured in the same run, one after the other, so they compare.
 """
 
@@ -16,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -33,6 +38,22 @@ from support.burst import drop_all, make_burst, wait_all_loaded  # noqa: E402
 
 from taxi_pipeline.local_stack import LocalStack  # noqa: E402
 from taxi_pipeline.settings import Settings  # noqa: E402
+
+
+def cpu_seconds(stack: LocalStack) -> dict[str, float]:
+    """CPU seconds so far of each stack process, with its children (forked runs)."""
+    found: dict[str, float] = {}
+    for managed in stack.processes:
+        try:
+            root = psutil.Process(managed.process.pid)
+            total = sum(root.cpu_times()[:4])  # user, system, reaped children's user, system
+            for child in root.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += sum(child.cpu_times()[:4])
+            found[managed.name] = total
+        except psutil.Error:
+            continue
+    return found
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -68,8 +89,10 @@ def one(database: str, files_count: int, rows: int, timeout: float) -> dict[str,
         files = make_burst(files_count, Path(tmp) / "files", settings, rows=rows)
         with LocalStack(settings, ui=False, api_url=None) as stack, \
                 temporary_settings(updates={PREFECT_API_URL: stack.api_url}):
+            cpu_before = cpu_seconds(stack)
             started = drop_all(files, settings)
             outcome = wait_all_loaded(files, settings, started, timeout)
+            cpu_after = cpu_seconds(stack)
             created, incomplete, span = asyncio.run(run_counts())
             uris = {(settings.bucket_dir / f.name).as_uri(): f.expected_good for f in files}
             once = sum(1 for uri, good in uris.items()
@@ -83,6 +106,10 @@ def one(database: str, files_count: int, rows: int, timeout: float) -> dict[str,
                 "not_completed": incomplete,
                 "exactly_once": f"{once}/{files_count}",
                 "bridge_peak_mib": peak_rss_mib(stack.process("bridge").process.pid),
+                # CPU per flow run, by process: where a burst's time goes.
+                "cpu_per_run_s": {name: round((cpu_after[name] - cpu_before[name])
+                                              / max(created, 1), 3)
+                                  for name in cpu_after if name in cpu_before},
             }
 
 
@@ -111,6 +138,9 @@ def main() -> None:
         print(f"{r['database']:<10} {r['seconds']:>9.0f}s {r['runs']:>6} "
               f"{r['runs_per_s']:>7.2f} {r['not_completed']:>8} {r['exactly_once']:>9} "
               f"{r['bridge_peak_mib']:>10.0f}")
+    for r in results:
+        if "cpu_per_run_s" in r:
+            print(f"{r['database']}: CPU seconds per flow run: {r['cpu_per_run_s']}")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
