@@ -8,6 +8,7 @@ same truth `reconcile` uses.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -89,3 +90,17 @@ def wait_all_loaded(files: list[BurstFile], settings: Settings, started: float,
     missing = sorted(uris - outcome.loads_by_uri.keys())
     raise AssertionError(f"{len(missing)} of {len(files)} files not loaded within "
                          f"{timeout:.0f}s, e.g. {missing[:3]}")
+
+
+# Files per test burst (TAXI_TEST_BURST: smaller for a quick local try) and how
+# long a test waits for all of them.
+BURST = int(os.environ.get("TAXI_TEST_BURST", "200"))
+TIMEOUT = 900.0
+
+
+def assert_exactly_once(files: list[BurstFile], settings: Settings, rows: dict[str, int],
+                        loads: dict[str, int]) -> None:
+    for item in files:
+        uri = (settings.bucket_dir / item.name).as_uri()
+        assert loads.get(uri) == 1, f"{uri}: {loads.get(uri)} load log entries"
+        assert rows.get(uri) == item.expected_good, f"{uri}: {rows.get(uri)} rows"
