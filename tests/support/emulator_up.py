@@ -6,12 +6,12 @@ Stopping it and checking that nothing is left is `support.local_e2e.stop_up`
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from support.local_e2e import launch_up
 
 # Set by a user's shell for one stack; `up` must not need (or be confused by) any of them.
 _FOREIGN = ("TAXI_", "PREFECT_API", "PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST",
@@ -52,16 +52,5 @@ class RunningUp:
 
 def start_emulator_up(home: Path) -> RunningUp:
     """`taxi-pipeline up` on the emulator profile, in its own process group, once it runs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN)}
-    env.update({"TAXI_HOME": str(home), "TAXI_PROFILE": "emulator"})
-    cli = Path(sys.executable).with_name("taxi-pipeline")
-    up = subprocess.Popen([str(cli), "up"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    assert up.stdout is not None
-    lines = []
-    for line in up.stdout:
-        lines.append(line)
-        if line.startswith("Running."):
-            break
-    assert lines and lines[-1].startswith("Running."), "".join(lines)
+    up, lines = launch_up(home, {"TAXI_PROFILE": "emulator"}, _FOREIGN)
     return RunningUp(up, home, lines)

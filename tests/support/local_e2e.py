@@ -28,7 +28,7 @@ from prefect.events.filters import (
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from taxi_pipeline.local_stack import LocalStack
+from taxi_pipeline.local_stack import LocalStack, free_port
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 
@@ -116,8 +116,19 @@ def table_rows(settings: Settings) -> int:
 
 def start_up(home: Path) -> subprocess.Popen[str]:
     """`taxi-pipeline up` in its own process group (as a terminal runs it), once it runs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TAXI_", "PREFECT_API"))}
-    env["TAXI_HOME"] = str(home)
+    return launch_up(home)[0]
+
+
+def launch_up(home: Path, extra_env: dict[str, str] | None = None,
+              foreign: tuple[str, ...] = ("TAXI_", "PREFECT_API"),
+              ) -> tuple[subprocess.Popen[str], list[str]]:
+    """`up` with this process's environment minus `foreign`, plus `extra_env`; and what
+    it printed up to its "Running." line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(foreign)}
+    # Its own bridge port: two test workers may start `up` at the same moment, and
+    # both would otherwise take the default 8080 if it looked free to each.
+    env.update({"TAXI_HOME": str(home), "TAXI_BRIDGE_PORT": str(free_port()),
+                **(extra_env or {})})
     cli = Path(sys.executable).with_name("taxi-pipeline")
     up = subprocess.Popen([str(cli), "up"], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -128,7 +139,7 @@ def start_up(home: Path) -> subprocess.Popen[str]:
         if line.startswith("Running."):
             break
     assert lines and lines[-1].startswith("Running."), "".join(lines)
-    return up
+    return up, lines
 
 
 def processes_of(home: Path) -> list[int]:
