@@ -21,7 +21,12 @@ from google.cloud import pubsub_v1, storage
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from support.local_e2e import bridge_counter, read_events, wait_bridge_counter
+from support.local_e2e import (
+    bridge_counter,
+    read_events,
+    wait_bridge_counter,
+    wait_warehouse_loaded,
+)
 
 from taxi_pipeline import events
 from taxi_pipeline.emulator_stack import emulator_stack
@@ -70,13 +75,7 @@ def upload(sample: SampleMonth, tmp_path: Path, name: str) -> tuple[str, int]:
 
 
 def wait_loaded(warehouse: Warehouse, table: str, uri: str, generation: int) -> int:
-    deadline = time.monotonic() + LOAD_TIMEOUT
-    while time.monotonic() < deadline:
-        loaded = warehouse.loaded(table, uri)
-        if loaded and loaded[0] >= generation:
-            return loaded[1]
-        time.sleep(1)
-    raise AssertionError(f"{uri} generation {generation} not loaded within {LOAD_TIMEOUT}s")
+    return wait_warehouse_loaded(warehouse, table, uri, generation, LOAD_TIMEOUT, poll=1)
 
 
 def transform_runs(deployment: str) -> int:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import shlex
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from support.emulator_up import RunningUp, start_emulator_up
-from support.local_e2e import stop_up
+from support.local_e2e import stop_up, wait_warehouse_loaded
 
 from taxi_pipeline.emulators import emulators_available
 from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
@@ -27,13 +26,7 @@ LOAD_TIMEOUT = 120.0
 
 
 def wait_loaded(warehouse: Warehouse, table: str, uri: str, generation: int) -> int:
-    deadline = time.monotonic() + LOAD_TIMEOUT
-    while time.monotonic() < deadline:
-        loaded = warehouse.loaded(table, uri)
-        if loaded and loaded[0] >= generation:
-            return loaded[1]
-        time.sleep(0.5)
-    raise AssertionError(f"{uri} generation {generation} not in BigQuery within {LOAD_TIMEOUT}s")
+    return wait_warehouse_loaded(warehouse, table, uri, generation, LOAD_TIMEOUT, poll=0.5)
 
 
 def test_up_on_the_emulator_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,6 +30,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from taxi_pipeline.local_stack import LocalStack, free_port
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.warehouse import Warehouse
 from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 
 LOAD_TIMEOUT = 240.0
@@ -59,14 +60,20 @@ def drop(source: Path, settings: Settings, name: str) -> Path:
 
 def wait_loaded(settings: Settings, uri: str, generation: int,
                 timeout: float = LOAD_TIMEOUT) -> int:
-    """Rows of `uri` once the warehouse holds `generation` (or a newer one)."""
-    warehouse = DuckDBWarehouse(settings.warehouse_file)
+    """Rows of `uri` once the local warehouse holds `generation` (or a newer one)."""
+    return wait_warehouse_loaded(DuckDBWarehouse(settings.warehouse_file), settings.table,
+                                 uri, generation, timeout)
+
+
+def wait_warehouse_loaded(warehouse: Warehouse, table: str, uri: str, generation: int,
+                          timeout: float = LOAD_TIMEOUT, poll: float = 0.25) -> int:
+    """Rows of `uri` once `warehouse` (any profile's) holds `generation` or a newer one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        loaded = warehouse.loaded(settings.table, uri)
+        loaded = warehouse.loaded(table, uri)
         if loaded and loaded[0] >= generation:
             return loaded[1]
-        time.sleep(0.25)
+        time.sleep(poll)
     raise AssertionError(f"{uri} generation {generation} not loaded within {timeout:.0f}s")
 
 
