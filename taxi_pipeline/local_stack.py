@@ -76,7 +76,7 @@ def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen[bytes] 
                  log_path: Path | None = None) -> None:
     """Poll `/health` until the server answers; fail with its log tail if it dies or stalls."""
     deadline = time.monotonic() + timeout
-    port = int(api_url.rsplit(":", 1)[1].split("/")[0])
+    port = port_of(api_url)
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             break
@@ -96,6 +96,11 @@ def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen[bytes] 
         f"the Prefect server at {api_url} did not become healthy within {timeout:.0f}s. "
         f"Last lines of its log ({log_path}):\n{tail}"
     )
+
+
+def port_of(api_url: str) -> int:
+    """The port of an API URL such as http://127.0.0.1:4200/api."""
+    return int(api_url.rsplit(":", 1)[1].split("/")[0])
 
 
 def listens_on(pid: int, port: int) -> bool:
@@ -263,7 +268,7 @@ class LocalStack:
             server.stop()
         self.processes.remove(server)
         assert self.api_url is not None
-        port = int(self.api_url.rsplit(":", 1)[1].split("/")[0])
+        port = port_of(self.api_url)
         self._spawn_server(port)
 
     def deploy(self) -> None:

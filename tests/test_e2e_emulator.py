@@ -31,7 +31,7 @@ from support.local_e2e import (
 from taxi_pipeline import events
 from taxi_pipeline.emulator_stack import emulator_stack
 from taxi_pipeline.emulators import emulators_available
-from taxi_pipeline.local_stack import LocalStack
+from taxi_pipeline.local_stack import LocalStack, port_of
 from taxi_pipeline.sample_data import SampleMonth, generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.warehouse import Warehouse, warehouse_from_settings
@@ -176,7 +176,7 @@ def test_uploads_during_outage_and_bridge_sigkill_all_load_once(
     held, published_dead = month_batch(1, HELD_UPLOADS), month_batch(7, DEAD_UPLOADS)
     samples = {**held, **published_dead}
     assert stack.api_url is not None
-    port = int(stack.api_url.rsplit(":", 1)[1].split("/")[0])
+    port = port_of(stack.api_url)
     server = stack.process("prefect-server")
     server._signal_group(signal.SIGKILL)
     server.process.wait(timeout=30)
