@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -251,3 +252,17 @@ def test_loaded_and_rows_for_of_an_unknown_source(
     assert warehouse.rows_for("other_table", YELLOW_URI) is None
     assert warehouse.loaded("other_table", YELLOW_URI) is None
     assert warehouse.table_uri(TABLE) == f"duckdb://{warehouse.path}#trips"
+
+
+def test_a_replacement_load_advances_loaded_at(
+    warehouse: DuckDBWarehouse, tmp_path: Path
+) -> None:
+    """`INSERT OR REPLACE` keeps unnamed columns of the replaced row, so it must name loaded_at."""
+    load(warehouse, make_processed(tmp_path, source_generation=1, rows=500))
+    [first] = warehouse.loads()
+    time.sleep(0.01)
+    load(warehouse, make_processed(tmp_path, source_generation=2, rows=600))
+    [second] = warehouse.loads()
+    assert second["source_generation"] == 2
+    assert isinstance(first["loaded_at"], datetime) and isinstance(second["loaded_at"], datetime)
+    assert second["loaded_at"] > first["loaded_at"]

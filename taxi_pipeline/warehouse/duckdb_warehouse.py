@@ -149,10 +149,12 @@ class DuckDBWarehouse:
                     [local_path],
                 ).fetchone()
                 inserted = int(inserted_row[0]) if inserted_row else 0
+                # loaded_at is named: on conflict DuckDB keeps the columns left out,
+                # which would keep the first load's time after a replacement.
                 con.execute(
                     f"INSERT OR REPLACE INTO {LOAD_LOG} (table_name, source_uri,"
-                    " source_generation, object_uri, object_generation, rows)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    " source_generation, object_uri, object_generation, rows, loaded_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, current_timestamp)",
                     [table, source_uri, source_generation, object_uri, object_generation,
                      inserted],
                 )
