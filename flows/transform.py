@@ -34,14 +34,21 @@ from flows.common import (
 )
 from flows.transform_core import BadInputFile, TransformStats, transform_parquet
 from taxi_pipeline import events
+from taxi_pipeline.content_twins import content_hash, earlier_twin
+from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
 from taxi_pipeline.objects import ObjectRef, dataset_of, month_of, sibling_name
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore
+from taxi_pipeline.warehouse import warehouse_from_settings
 
 
 @task(cache_policy=NO_CACHE, retries=TRANSIENT_RETRIES, retry_delay_seconds=RETRY_DELAYS)
-def quarantine(store: ObjectStore, obj: ObjectRef, error: BadInputFile, settings: Settings) -> str:
-    """Move the file out of raw/ so it is not retried, and say why in an event."""
+def quarantine(store: ObjectStore, obj: ObjectRef, error: BadInputFile, settings: Settings,
+               warehouse_keeps: dict[str, int] | None = None) -> str:
+    """Move the file out of raw/ so it is not retried, and say why in an event.
+
+    `warehouse_keeps`: the earlier generation still in the table (kept, not removed).
+    """
     logger = get_run_logger()
     target = sibling_name(obj.name, settings.raw_prefix, settings.quarantine_prefix)
     moved = store.move(obj, target)
@@ -51,8 +58,12 @@ def quarantine(store: ObjectStore, obj: ObjectRef, error: BadInputFile, settings
         obj,
         settings,
         related=[events.object_role_resource(moved, "quarantine", settings.stage_prefixes)],
-        payload={"reason": error.kind, "detail": error.detail, "quarantine_uri": moved.uri},
+        payload={"reason": error.kind, "detail": error.detail, "quarantine_uri": moved.uri,
+                 "warehouse_keeps": warehouse_keeps},
     )
+    if warehouse_keeps:
+        logger.warning("uri=%s: the table keeps generation %d (%d rows), the last good one",
+                       obj.uri, warehouse_keeps["source_generation"], warehouse_keeps["rows"])
     return moved.uri
 
 
@@ -68,8 +79,38 @@ def landed_at(obj: ObjectRef) -> datetime | None:
     return stamp.astimezone(UTC) if stamp is not None else None
 
 
+class OutputSuperseded(RuntimeError):
+    """An output already holds a newer generation of the source: this run is stale."""
+
+
+def output_state(store: ObjectStore, name: str, source: ObjectRef) -> int:
+    """The generation a write of output `name` must find (0: absent).
+
+    Raises OutputSuperseded when the output was made from a newer generation of
+    `source`: a slow run must not put older rows back over a newer run's files.
+    The lineage comes from GCS custom metadata, else from the parquet footer.
+    """
+    try:
+        current = store.ref(name)
+    except ObjectNotFound:
+        return 0
+    made_from = current.extra.get(events.EXTRA_SOURCE_GENERATION)
+    source_uri = current.extra.get(events.EXTRA_SOURCE_URI)
+    if made_from is None or source_uri is None:
+        try:
+            source_uri, generation = read_lineage(store, current)
+            made_from = str(generation)
+        except (NotAProcessedObject, ObjectNotFound):
+            return current.generation  # not ours, or gone: the precondition decides
+    if source_uri == source.uri and int(made_from) > source.generation:
+        raise OutputSuperseded(
+            f"{current.uri} holds generation {made_from} of {source.uri}, newer than "
+            f"{source.generation}: the newer generation's run owns the outputs")
+    return current.generation
+
+
 @task(cache_policy=NO_CACHE, retries=TRANSIENT_RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_unless(BadInputFile, ObjectNotFound))
+      retry_condition_fn=retry_unless(BadInputFile, ObjectNotFound, OutputSuperseded))
 def transform_object(
     store: ObjectStore, obj: ObjectRef, settings: Settings
 ) -> tuple[TransformStats, ObjectRef, ObjectRef]:
@@ -77,16 +118,24 @@ def transform_object(
 
     An output already holding the same bytes is kept (same generation, no new
     notification): see `transform` for how its load is still started.
+
+    Each output is written only if it is still the generation seen before the
+    work began and was not made from a newer source generation, so two runs
+    of one source converge on the newest: a lost race (PreconditionFailed) is
+    retried and then finds the newer outputs (OutputSuperseded).
     """
     processed_name = sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix)
     rejects_name = sibling_name(obj.name, settings.raw_prefix, settings.rejects_prefix)
+    processed_seen = output_state(store, processed_name, obj)
+    rejects_seen = output_state(store, rejects_name, obj)
     # Exit order publishes rejects before processed: the processed object's
     # notification starts the load, so everything else must be in place first.
     with (
         store.open_read(obj) as source,
-        store.publish(processed_name, keep_unchanged=True,
+        store.publish(processed_name, if_generation_match=processed_seen, keep_unchanged=True,
                       metadata=lineage_extra(obj)) as processed_path,
-        store.publish(rejects_name, keep_unchanged=True) as rejects_path,
+        store.publish(rejects_name, if_generation_match=rejects_seen, keep_unchanged=True,
+                      metadata=lineage_extra(obj)) as rejects_path,
     ):
         stats = transform_parquet(
             source,
@@ -152,15 +201,56 @@ def _summary(obj: ObjectRef, stats: TransformStats) -> list[dict[str, Any]]:
     return rows
 
 
+def skip_duplicate(store: ObjectStore, obj: ObjectRef, settings: Settings) -> dict[str, Any] | None:
+    """Skip `obj` when an earlier raw object holds the same bytes; None to go on.
+
+    The same month at a second path would load its rows twice (two source URIs).
+    """
+    if settings.allow_duplicate_content:
+        return None
+    first = earlier_twin(store, obj, settings.raw_prefix)
+    if first is None:
+        return None
+    why = (f"{obj.uri} holds the same bytes as {first.uri} (md5 {content_hash(store, first)}), "
+           "which is loaded instead; remove the copy, or set TAXI_ALLOW_DUPLICATE_CONTENT=true "
+           "(or the flow parameter allow_duplicate_content) and re-emit it to load both")
+    get_run_logger().warning("duplicate content uri=%s first=%s", obj.uri, first.uri)
+    emit(events.OBJECT_DUPLICATE_CONTENT, obj, settings,
+         related=[events.object_role_resource(first, "original", settings.stage_prefixes)],
+         payload={"duplicate_of": first.uri, "duplicate_of_generation": first.generation,
+                  "md5_hash": content_hash(store, first), "detail": why})
+    return {"status": "skipped", "reason": why, "duplicate_of": first.uri}
+
+
+def kept_in_warehouse(obj: ObjectRef, settings: Settings) -> dict[str, int] | None:
+    """The generation and rows of `obj`'s source the warehouse still holds, if any.
+
+    A bad new version is quarantined and the last good generation's rows stay
+    (deleting them would turn a bad upload into data loss); the event says so.
+    """
+    try:
+        loaded = warehouse_from_settings(settings).loaded(settings.table, obj.uri)
+    except Exception as exc:  # the quarantine must not fail because the warehouse is away
+        get_run_logger().warning("cannot read the load log for uri=%s: %s", obj.uri, exc)
+        return None
+    return None if loaded is None else {"source_generation": loaded[0], "rows": loaded[1]}
+
+
 @flow(name="transform", flow_run_name=object_run_name)
 def transform(object_uri: str, generation: int | None = None,
-              event_id: str | None = None) -> dict[str, Any]:
+              event_id: str | None = None,
+              allow_duplicate_content: bool | None = None) -> dict[str, Any]:
     """Validate, normalise and split one raw TLC object (the event's resource)."""
     logger = get_run_logger()
     run = begin("transform", object_uri, generation, event_id, events.TRANSFORM_STARTED)
     if run.obj is None:
         return run.skipped
     settings, store, obj = run.settings, run.store, run.obj
+    if allow_duplicate_content is not None:
+        settings = settings.model_copy(update={"allow_duplicate_content": allow_duplicate_content})
+    duplicate = skip_duplicate(store, obj, settings)
+    if duplicate is not None:
+        return duplicate
     try:
         # Read before the task (and its retries): an attempt that wrote and then
         # failed counts as written, as it did make a new generation.
@@ -168,8 +258,16 @@ def transform(object_uri: str, generation: int | None = None,
             store, sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix))
         stats, processed, rejects = transient(transform_object, settings)(store, obj, settings)
     except BadInputFile as error:
-        quarantine_uri = transient(quarantine, settings)(store, obj, error, settings)
-        return {"status": "quarantined", "reason": str(error), "quarantine_uri": quarantine_uri}
+        kept = kept_in_warehouse(obj, settings)
+        quarantine_uri = transient(quarantine, settings)(store, obj, error, settings, kept)
+        return {"status": "quarantined", "reason": str(error), "quarantine_uri": quarantine_uri,
+                "warehouse_keeps": kept}
+    except (ObjectNotFound, OutputSuperseded) as gone:
+        # Replaced mid-read, or a newer generation's run already wrote the outputs:
+        # that run (its own event) does the work, so this is a skip, not a failure.
+        logger.warning("skipped transform uri=%s generation=%s: %s", obj.uri, obj.generation,
+                       gone)
+        return {"status": "skipped", "reason": str(gone)}
     except Exception as exc:
         emit(events.TRANSFORM_FAILED, obj, settings,
              payload={"error": f"{type(exc).__name__}: {exc}"})
@@ -186,7 +284,9 @@ def transform(object_uri: str, generation: int | None = None,
     if stats.rows_in > 0 and stats.rows_out == 0:
         # Triggers match labels, not payload values: the "every row rejected" alert
         # needs an event of its own.
-        emit(events.OBJECT_ALL_REJECTED, obj, settings, related=outputs, payload=counts)
+        top = [reason for reason, _ in stats.rejected.most_common(3)]
+        emit(events.OBJECT_ALL_REJECTED, obj, settings, related=outputs,
+             payload={**counts, "top_reasons": top})
         logger.warning("every row of uri=%s rejected (%d rows): %s", obj.uri, stats.rows_in,
                        dict(stats.rejected))
     if output == "unchanged":

@@ -10,7 +10,8 @@ not loaded, and not in quarantine, has stalled. Re-emitting it (with the
 The event history keeps a scheduled reconcile from piling work onto objects
 already on their way: an object with any pipeline event in the last
 `older_than`, or a transform/load started within RUNNING_GRACE and not yet
-finished, is left alone.
+finished, is left alone. A raw object holding the same bytes as an earlier one
+was skipped on purpose (`pipeline.object.duplicate_content`) and is not stalled.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from uuid import UUID
 from prefect.events import Event
 
 from taxi_pipeline import events
+from taxi_pipeline.content_twins import earlier_twin
 from taxi_pipeline.event_delivery import EventDelivery
 from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
 from taxi_pipeline.objects import ObjectRef, sibling_name
@@ -103,6 +105,9 @@ def find_stalled(store: ObjectStore, warehouse: Warehouse, settings: Settings,
                 continue
         except ObjectNotFound:
             pass
+        if not settings.allow_duplicate_content and earlier_twin(store, obj,
+                                                                 settings.raw_prefix):
+            continue  # a copy of an earlier raw object: skipped on purpose, not stalled
         resume = transformed(store, obj, settings)
         why = "never loaded" if loaded is None else (
             f"warehouse holds generation {loaded[0]}, bucket has {obj.generation}")

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     processed_prefix: str = "processed/"
     rejects_prefix: str = "rejects/"
     quarantine_prefix: str = "quarantine/"
+    allow_duplicate_content: bool = Field(
+        default=False,
+        description="Load a raw object even when an earlier raw object holds the same bytes "
+        "(by default the copy is skipped with a pipeline.object.duplicate_content event, so a "
+        "file dropped at two paths does not load its rows twice).",
+    )
 
     # -- GCP / emulators ---------------------------------------------------------
     gcp_credentials_block: str = Field(

@@ -1,0 +1,225 @@
+"""The transform flow's decisions about its outputs, on a real bucket directory and DuckDB.
+
+Stale runs never overwrite a newer generation's outputs, a source replaced
+mid-read is a skip, the same bytes at a second path load once, and a bad new
+version of a loaded file leaves the last good rows in the table and says so.
+Prefect's run context, API and events are stubbed; storage and warehouse are real.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+import flows.transform as transform_flow
+from flows.common import RunContext
+from flows.tlc_schema import CANONICAL_SCHEMA
+from flows.transform import OutputSuperseded, output_state, transform_object
+from flows.transform_core import transform_parquet
+from taxi_pipeline import events
+from taxi_pipeline.content_twins import earlier_twin
+from taxi_pipeline.lineage import METADATA_SOURCE_GENERATION
+from taxi_pipeline.objects import ObjectRef, sibling_name
+from taxi_pipeline.reconcile import find_stalled
+from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.settings import Settings, get_settings
+from taxi_pipeline.storage import ObjectNotFound, PreconditionFailed
+from taxi_pipeline.storage.local import LocalStore
+from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
+
+Emitted = list[tuple[str, dict[str, Any]]]
+
+
+def _drop(store: LocalStore, name: str, rows: int, seed: int) -> ObjectRef:
+    sample = generate_month("yellow", 2024, 1, rows, seed=seed)
+    with store.publish(name) as target:
+        write_month(sample, target)
+    return store.ref(name)
+
+
+def _processed(settings: Settings, obj: ObjectRef) -> str:
+    return sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix)
+
+
+@pytest.fixture
+def flow_stubs(monkeypatch: pytest.MonkeyPatch) -> Callable[[Settings, LocalStore], Emitted]:
+    """Run `transform.fn` without a Prefect server; returns the list of emitted events."""
+
+    def install(settings: Settings, store: LocalStore) -> Emitted:
+        emitted: Emitted = []
+        monkeypatch.setattr(transform_flow, "get_run_logger", lambda: logging.getLogger("t"))
+        monkeypatch.setattr(
+            transform_flow, "begin",
+            lambda step, uri, *args: RunContext(settings, store, store.ref(store.name_of(uri)),
+                                                {}))
+        monkeypatch.setattr(transform_flow, "transient", lambda step, settings: step.fn)
+        monkeypatch.setattr(transform_flow, "create_table_artifact", lambda **kwargs: None)
+        monkeypatch.setattr(transform_flow, "emit", lambda name, obj, settings, **kw:
+                            emitted.append((name, kw.get("payload") or {})))
+        monkeypatch.setattr(transform_flow, "emit_event", lambda **kw: None)
+        return emitted
+
+    return install
+
+
+# -- outputs are tied to the source generation ------------------------------------------
+
+
+def test_a_stale_run_loses_the_race_for_the_outputs_and_then_skips(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generation N is read; N+1 lands and its run publishes first; N must not overwrite it."""
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    name = raw_object_name(settings.raw_prefix, "yellow", 2024, 1)
+    old = _drop(store, name, rows=800, seed=1)
+    newer: list[ObjectRef] = []
+    real = transform_parquet
+
+    def newer_run_finishes_first(*args: Any, **kwargs: Any) -> Any:
+        stats = real(*args, **kwargs)  # N's outputs are written, not yet published
+        if not newer:
+            time.sleep(0.01)
+            newer.append(_drop(store, name, rows=500, seed=2))
+            transform_object.fn(store, newer[0], settings)
+        return stats
+
+    monkeypatch.setattr(transform_flow, "transform_parquet", newer_run_finishes_first)
+    with pytest.raises(PreconditionFailed):
+        transform_object.fn(store, old, settings)
+    processed = store.ref(_processed(settings, old))
+    made_from = pq.read_schema(store.root / processed.name).metadata[METADATA_SOURCE_GENERATION]
+    assert made_from == str(newer[0].generation).encode()
+    assert pq.read_metadata(store.root / processed.name).num_rows <= 500
+    # The task's retry then finds the newer outputs and stops for good.
+    with pytest.raises(OutputSuperseded, match="newer generation's run owns the outputs"):
+        output_state(store, processed.name, old)
+    assert transform_object.retry_condition_fn is not None
+
+
+def test_output_state_of_absent_own_and_foreign_outputs(tmp_path: Path) -> None:
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    obj = _drop(store, raw_object_name(settings.raw_prefix, "yellow", 2024, 1), 300, seed=3)
+    processed_name = _processed(settings, obj)
+    assert output_state(store, processed_name, obj) == 0
+    _, processed, _ = transform_object.fn(store, obj, settings)
+    assert output_state(store, processed_name, obj) == processed.generation
+    foreign = settings.processed_prefix + "other.parquet"  # no lineage: the precondition decides
+    with store.publish(foreign) as target:
+        target.write_bytes(b"not parquet")
+    assert output_state(store, foreign, obj) == store.ref(foreign).generation
+
+
+def test_a_source_replaced_mid_read_is_a_skip_not_a_failure(
+        monkeypatch: pytest.MonkeyPatch, flow_stubs: Callable[[Settings, LocalStore], Emitted]
+) -> None:
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    obj = _drop(store, raw_object_name(settings.raw_prefix, "yellow", 2024, 1), 300, seed=4)
+    emitted = flow_stubs(settings, store)
+
+    def replaced(*args: Any, **kwargs: Any) -> Any:
+        raise ObjectNotFound(f"{obj.uri} generation {obj.generation} no longer exists")
+
+    monkeypatch.setattr(transform_flow, "transform_parquet", replaced)
+    result = transform_flow.transform.fn(obj.uri, obj.generation)
+    assert result["status"] == "skipped"
+    assert "no longer exists" in result["reason"]
+    assert [name for name, _ in emitted] == []  # no transform.failed
+    with pytest.raises(ObjectNotFound):
+        store.ref(_processed(settings, obj))
+
+
+# -- the same bytes at a second path -------------------------------------------------------
+
+
+def test_a_copy_at_a_second_path_is_skipped_and_names_the_first(
+        flow_stubs: Callable[[Settings, LocalStore], Emitted]) -> None:
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    first = _drop(store, raw_object_name(settings.raw_prefix, "yellow", 2024, 1), 400, seed=5)
+    time.sleep(0.01)
+    copy_name = settings.raw_prefix + "backup/yellow_tripdata_2024-01.parquet"
+    with store.publish(copy_name) as target:
+        target.write_bytes((store.root / first.name).read_bytes())
+    copy = store.ref(copy_name)
+    other = _drop(store, raw_object_name(settings.raw_prefix, "yellow", 2024, 2), 400, seed=6)
+    emitted = flow_stubs(settings, store)
+
+    assert earlier_twin(store, copy, settings.raw_prefix) == first
+    assert earlier_twin(store, first, settings.raw_prefix) is None  # the first one loads
+    assert earlier_twin(store, other, settings.raw_prefix) is None
+
+    result = transform_flow.transform.fn(copy.uri, copy.generation)
+    assert result == {"status": "skipped", "reason": result["reason"], "duplicate_of": first.uri}
+    (name, payload), = emitted
+    assert name == events.OBJECT_DUPLICATE_CONTENT
+    assert payload["duplicate_of"] == first.uri
+    assert "TAXI_ALLOW_DUPLICATE_CONTENT" in payload["detail"]
+    with pytest.raises(ObjectNotFound):
+        store.ref(_processed(settings, copy))
+
+    # Overridable per run: the copy then transforms like any file.
+    forced = transform_flow.transform.fn(copy.uri, copy.generation, allow_duplicate_content=True)
+    assert forced["status"] == "completed"
+
+
+def test_reconcile_does_not_call_a_skipped_copy_stalled(tmp_path: Path) -> None:
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    warehouse = DuckDBWarehouse(settings.warehouse_file)
+    first = _drop(store, raw_object_name(settings.raw_prefix, "yellow", 2024, 1), 400, seed=7)
+    time.sleep(0.01)
+    copy_name = settings.raw_prefix + "backup/yellow_tripdata_2024-01.parquet"
+    with store.publish(copy_name) as target:
+        target.write_bytes((store.root / first.name).read_bytes())
+    processed = tmp_path / "p.parquet"
+    transform_parquet(store.root / first.name, processed, tmp_path / "r.parquet",
+                      source_uri=first.uri, source_generation=first.generation,
+                      taxi_type="yellow", month=(2024, 1))
+    warehouse.load_object(object_uri=processed.as_uri(), object_generation=1, table="trips",
+                          schema=CANONICAL_SCHEMA, source_uri=first.uri,
+                          source_generation=first.generation)
+    later = datetime.now(UTC) + timedelta(days=1)
+    assert list(find_stalled(store, warehouse, settings, timedelta(minutes=1), now=later)) == []
+    allowed = settings.model_copy(update={"allow_duplicate_content": True})
+    stalled = list(find_stalled(store, warehouse, allowed, timedelta(minutes=1), now=later))
+    assert [s.obj.name for s in stalled] == [copy_name]
+
+
+# -- a bad new version of a loaded file -----------------------------------------------------
+
+
+def test_a_bad_new_version_keeps_the_last_good_rows_and_says_so(
+        tmp_path: Path, flow_stubs: Callable[[Settings, LocalStore], Emitted]) -> None:
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    warehouse = DuckDBWarehouse(settings.warehouse_file)
+    good = _drop(store, raw_object_name(settings.raw_prefix, "yellow", 2024, 1), 600, seed=8)
+    _, processed, _ = transform_object.fn(store, good, settings)
+    loaded = warehouse.load_object(
+        object_uri=processed.uri, object_generation=processed.generation, table=settings.table,
+        schema=CANONICAL_SCHEMA, source_uri=good.uri, source_generation=good.generation)
+    time.sleep(0.01)
+    with store.publish(good.name) as target:
+        target.write_bytes(b"an upload that went wrong")
+    bad = store.ref(good.name)
+    assert bad.generation > good.generation
+    emitted = flow_stubs(settings, store)
+
+    result = transform_flow.transform.fn(bad.uri, bad.generation)
+    kept = {"source_generation": good.generation, "rows": loaded.rows}
+    assert result["status"] == "quarantined"
+    assert result["warehouse_keeps"] == kept
+    assert emitted[-1][0] == events.OBJECT_QUARANTINED
+    assert emitted[-1][1]["warehouse_keeps"] == kept
+    assert warehouse.rows_for(settings.table, good.uri) == loaded.rows
+    assert not os.path.exists(store.root / good.name)
