@@ -23,6 +23,14 @@ class BridgeMetrics:
         self.resent = Counter("bridge_resent", "Events emitted again, not stored in time",
                               registry=r)
         self.pending = Gauge("bridge_pending", "Events emitted, not yet confirmed", registry=r)
+        self.held = Gauge("bridge_held", "Events held unemitted while the server is unreachable "
+                          "(their sources neither acked nor nacked)", registry=r)
+        self.emit_failures = Counter("bridge_emit_failures",
+                                     "Emits that failed; held events are retried with backoff",
+                                     registry=r)
+        self.hold_expired = Counter("bridge_hold_expired",
+                                    "Events whose sources were nacked after the longest hold",
+                                    registry=r)
         self.emit_latency = Histogram(
             "bridge_store_latency_seconds",
             "Seconds from receiving a notification to its event being confirmed stored",

@@ -5,6 +5,12 @@ the asyncio loop, turned into events and given to the relay, which acks each
 message only once its event is read back from the Prefect server. While a
 message waits, the client's lease manager keeps extending its ack deadline (up
 to FlowControl.max_lease_duration), so nothing expires mid-confirmation.
+
+While the Prefect server is unreachable the relay holds the messages instead
+of nacking them (a nack costs a delivery attempt; enough of them dead-letter a
+valid notification), and flow control stops the pull once
+TAXI_PUBSUB_MAX_MESSAGES are outstanding. A message held for MAX_HOLD_SECONDS
+is nacked, just before the lease manager would give it up silently.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from google.cloud import pubsub_v1  # type: ignore[attr-defined]
 from google.cloud.pubsub_v1.subscriber.message import Message
 from prefect.events import Event
 
-from pubsub_bridge.health import HealthState, run_checks, sleep_or_stop
+from pubsub_bridge.health import HealthState, run_checks
 from pubsub_bridge.metrics import BridgeMetrics
 from pubsub_bridge.notifications import Ignored, Rejected, Scope, parse_notification
 from pubsub_bridge.relay import Relay, Submission
@@ -34,6 +40,13 @@ log = logging.getLogger(__name__)
 BATCH = 500
 CONSUME_PERMISSION = "pubsub.subscriptions.consume"
 CONFIRM_EVERY = 0.5
+# How long the client keeps extending a message's lease (FlowControl.max_lease_duration).
+MAX_LEASE_SECONDS = 3600
+# The relay nacks a message it held this long: redelivered (one delivery attempt per
+# ~55 minutes of outage, ~9 hours before the default 10 attempts dead-letter it) rather
+# than dropped by the lease manager. The margin covers the wait between the client
+# leasing a message and the relay receiving it.
+MAX_HOLD_SECONDS = MAX_LEASE_SECONDS - 300
 
 
 def rejected_event(subscription: str, message: Message, error: Rejected) -> Event:
@@ -109,7 +122,7 @@ class PubSubSource:
         flow_control = pubsub_v1.types.FlowControl(
             max_messages=self.settings.pubsub_max_messages,
             max_bytes=self.settings.pubsub_max_bytes,
-            max_lease_duration=3600,
+            max_lease_duration=MAX_LEASE_SECONDS,
             # Each lease extension is at most the subscription's ack deadline, so the
             # messages a crashed bridge held come back within that time, not 10 minutes.
             max_duration_per_lease_extension=self.settings.pubsub_ack_deadline_seconds,
@@ -181,9 +194,9 @@ async def run_pubsub_bridge(settings: Settings, stop: asyncio.Event, metrics: Br
     source = PubSubSource(settings, asyncio.get_running_loop())
     scope = scope_of(settings)
     source.start()
-    backoff = 0.0
     async with EventDelivery() as delivery:
-        relay = Relay(delivery, metrics, resend_after=settings.bridge_confirm_seconds)
+        relay = Relay(delivery, metrics, resend_after=settings.bridge_confirm_seconds,
+                      max_hold=MAX_HOLD_SECONDS)
         health_task = asyncio.create_task(run_checks(
             {"pubsub": lambda: asyncio.to_thread(source.check),
              "prefect": delivery.healthcheck},
@@ -196,17 +209,14 @@ async def run_pubsub_bridge(settings: Settings, stop: asyncio.Event, metrics: Br
                 messages = await source.take(BATCH, wait=0.2)
                 submissions = [s for m in messages
                                if (s := to_submission(m, settings, scope, source, metrics))]
-                if submissions:
-                    if await relay.submit(submissions):
-                        backoff = 0.0
-                    else:  # Prefect unreachable: nacked; slow down instead of spinning
-                        backoff = min(max(1.0, backoff * 2), 30.0)
-                        await sleep_or_stop(stop, backoff)
-                if relay.pending and time.monotonic() - last_confirm >= CONFIRM_EVERY:
+                if submissions:  # Prefect unreachable: held, emitted again with backoff
+                    await relay.submit(submissions)
+                if relay.busy and time.monotonic() - last_confirm >= CONFIRM_EVERY:
                     await relay.confirm()
                     last_confirm = time.monotonic()
         finally:
-            log.info("stopping: finishing %d in-flight events", len(relay.pending))
+            log.info("stopping: finishing %d in-flight events (%d held)", len(relay.pending),
+                     len(relay.held))
             # Acks and nacks only reach Pub/Sub while the stream is open, so finish
             # first and close last: messages that arrive meanwhile are nacked at once
             # (redelivered now, not after their lease runs out); emitted events get a

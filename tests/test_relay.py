@@ -163,25 +163,96 @@ def test_duplicate_within_one_batch_is_emitted_once_and_both_acked() -> None:
     assert metrics.value("emitted") == 1
 
 
-def test_emit_failure_nacks_every_fresh_submission_and_returns_false() -> None:
+class Clock:
+    """Stands in for the relay's `time`: monotonic seconds that a test moves on."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(relay_module, "time", fake)
+    return fake
+
+
+def test_emit_failure_holds_every_fresh_submission_without_nacking(clock: Clock) -> None:
+    """A nack costs a Pub/Sub delivery attempt: an outage must not spend them."""
     relay, delivery, metrics, calls = make()
     a, b = event(1), event(2)
     delivery.fail_emit = True
     ok = asyncio.run(relay.submit([submission(a, calls, "a"), submission(b, calls, "b")]))
     assert ok is False
-    assert calls == [("nack", "a"), ("nack", "b")]
+    assert calls == []
+    assert set(relay.held) == {a.id, b.id}
     assert relay.pending == {}
-    assert metrics.value("nacked") == 2
+    assert relay.busy
+    assert metrics.value("nacked") == 0
     assert metrics.value("emitted") == 0
-    assert metrics.value("acked") == 0
-    # once the server is back, the redelivery goes through
-    delivery.fail_emit = False
-    assert asyncio.run(relay.submit([submission(a, calls, "a2")])) is True
-    assert set(relay.pending) == {a.id}
-    assert delivery.emitted_ids == [a.id]
+    assert metrics.value("held") == 2
+    assert metrics.value("emit_failures") == 1
 
 
-def test_emit_failure_leaves_duplicates_of_pending_events_attached() -> None:
+def test_held_events_are_emitted_and_acked_once_the_server_is_back(clock: Clock) -> None:
+    relay, delivery, metrics, calls = make()
+    a, b = event(1), event(2)
+
+    async def scenario() -> None:
+        delivery.fail_emit = True
+        assert await relay.submit([submission(a, calls, "a"), submission(b, calls, "b")]) \
+            is False
+        clock.now += 1.0  # the first backoff
+        assert await relay.confirm() == 0  # tried again, still down
+        assert delivery.attempts == 2
+        delivery.fail_emit = False
+        clock.now += 2.0  # the backoff doubled
+        await relay.confirm()  # emits the held events
+        assert relay.held == {}
+        assert set(relay.pending) == {a.id, b.id}
+        delivery.stored_ids = {a.id, b.id}
+        assert await relay.confirm() == 2
+
+    asyncio.run(scenario())
+    assert delivery.emitted_ids == [a.id, b.id]
+    assert sorted(calls) == [("ack", "a"), ("ack", "b")]
+    assert metrics.value("nacked") == 0
+    assert metrics.value("emit_failures") == 2
+    assert metrics.value("held") == 0
+    assert metrics.value("acked") == 2
+
+
+def test_while_events_are_held_new_ones_wait_for_the_backoff(clock: Clock) -> None:
+    """No emit per arrival during an outage: one attempt per backoff for all of them."""
+    relay, delivery, metrics, calls = make()
+    assert metrics.value("emit_failures") == 0
+    a, b = event(1), event(2)
+
+    async def scenario() -> None:
+        delivery.fail_emit = True
+        await relay.submit([submission(a, calls, "a")])
+        delivery.fail_emit = False  # the server is back, but the backoff has not passed
+        assert await relay.submit([submission(b, calls, "b"), submission(a, calls, "a2")]) \
+            is False
+        assert await relay.confirm() == 0
+        assert delivery.attempts == 1
+        assert set(relay.held) == {a.id, b.id}
+        clock.now += 1.0
+        assert await relay.confirm() == 0
+
+    asyncio.run(scenario())
+    assert delivery.attempts == 2
+    assert delivery.emits == [[a, b]]  # one batch, each event once
+    assert set(relay.pending) == {a.id, b.id}
+    assert len(relay.pending[a.id].acks) == 2  # the redelivery waits with the original
+    assert calls == []
+    assert metrics.value("emit_failures") == 1
+
+
+def test_emit_failure_leaves_duplicates_of_pending_events_attached(clock: Clock) -> None:
     relay, delivery, metrics, calls = make()
     a, b = event(1), event(2)
 
@@ -190,14 +261,67 @@ def test_emit_failure_leaves_duplicates_of_pending_events_attached() -> None:
         delivery.fail_emit = True
         assert await relay.submit([submission(a, calls, "a2"), submission(b, calls, "b")]) \
             is False
-        assert calls == [("nack", "b")]  # a2 joined the pending a, it is not nacked
+        assert set(relay.held) == {b.id}  # a2 joined the pending a; b is held
         delivery.stored_ids = {a.id}
         await relay.confirm()
 
     asyncio.run(scenario())
-    assert calls == [("nack", "b"), ("ack", "a1"), ("ack", "a2")]
-    assert metrics.value("nacked") == 1
+    assert calls == [("ack", "a1"), ("ack", "a2")]
+    assert metrics.value("nacked") == 0
     assert metrics.value("acked") == 2
+
+
+def test_drain_nacks_held_events_without_emitting_them(clock: Clock) -> None:
+    relay, delivery, metrics, calls = make()
+    a, b = event(1), event(2)
+
+    async def scenario() -> None:
+        assert await relay.submit([submission(a, calls, "a")])
+        delivery.fail_emit = True
+        await relay.submit([submission(b, calls, "b")])
+        delivery.fail_emit = False
+        clock.now += 60  # the backoff has passed: only the shutdown stops a retry
+        delivery.stored_ids = {a.id}
+        await asyncio.wait_for(relay.drain(1.0), 30)
+
+    asyncio.run(scenario())
+    assert calls == [("ack", "a"), ("nack", "b")]
+    assert delivery.emitted_ids == [a.id]
+    assert relay.held == {} and relay.pending == {}
+    assert metrics.value("nacked") == 1
+    assert metrics.value("held") == 0
+
+
+def test_a_source_held_past_max_hold_is_nacked_for_redelivery(clock: Clock) -> None:
+    """A Pub/Sub lease is extended for a bounded time: nack before it lapses unseen."""
+    delivery = FakeDelivery()
+    metrics = BridgeMetrics()
+    relay = Relay(delivery, metrics, resend_after=3600, max_hold=100)  # type: ignore[arg-type]
+    calls: list[tuple[str, str]] = []
+    old, young, pending = event(1), event(2), event(3)
+
+    def sub(ev: Event, tag: str, age: float) -> Submission:
+        return Submission(ev, ack=partial(calls.append, ("ack", tag)),
+                          nack=partial(calls.append, ("nack", tag)),
+                          received_at=clock.now - age)
+
+    async def scenario() -> None:
+        assert await relay.submit([sub(pending, "pending", 50)])
+        delivery.fail_emit = True
+        await relay.submit([sub(old, "old", 90), sub(young, "young", 10)])
+        clock.now += 20  # old: 110 s, pending: 70 s, young: 30 s
+        await relay.confirm()
+        assert calls == [("nack", "old")]
+        assert set(relay.held) == {young.id}
+        clock.now += 40  # pending: 110 s, never confirmed
+        await relay.confirm()
+
+    asyncio.run(scenario())
+    assert calls == [("nack", "old"), ("nack", "pending")]
+    assert set(relay.held) == {young.id}
+    assert relay.pending == {}
+    assert metrics.value("hold_expired") == 2
+    assert metrics.value("nacked") == 2
 
 
 def test_overdue_events_are_reemitted_with_the_same_id() -> None:
@@ -319,10 +443,12 @@ def test_drain_holds_its_limit_when_the_server_never_answers() -> None:
     assert metrics.value("nacked") == 2
 
 
-def test_a_hung_emit_is_abandoned_and_nacked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_hung_emit_is_abandoned_and_held(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(relay_module, "CALL_TIMEOUT", 0.2)
     relay, delivery, _, calls = make()
+    a = event(1)
     delivery.hang = True
-    assert asyncio.run(relay.submit([submission(event(1), calls, "a")])) is False
-    assert calls == [("nack", "a")]
+    assert asyncio.run(relay.submit([submission(a, calls, "a")])) is False
+    assert calls == []
+    assert set(relay.held) == {a.id}
     assert relay.pending == {}
