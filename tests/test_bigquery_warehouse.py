@@ -36,6 +36,7 @@ from taxi_pipeline.settings import Settings
 from taxi_pipeline.warehouse import LoadResult, warehouse_from_settings
 from taxi_pipeline.warehouse.bigquery_warehouse import (
     LOAD_LOG,
+    LOAD_RANGES,
     STAGING_PREFIX,
     BigQueryLoadError,
     BigQueryWarehouse,
@@ -201,7 +202,8 @@ def tables(warehouse: BigQueryWarehouse) -> set[str]:
 def test_schema_conversion() -> None:
     fields = {f.name: (f.field_type, f.mode) for f in bigquery_schema(CANONICAL_SCHEMA)}
     assert list(fields) == CANONICAL_SCHEMA.names  # position matters to the emulator
-    assert fields["pickup_datetime"] == ("TIMESTAMP", "NULLABLE")
+    assert fields["pickup_datetime"] == ("DATETIME", "NULLABLE")  # New York wall clock
+    assert fields["dropoff_datetime"] == ("DATETIME", "NULLABLE")
     assert fields["ingested_at"] == ("TIMESTAMP", "REQUIRED")
     assert fields["passenger_count"] == ("INT64", "NULLABLE")
     assert fields["total_amount"] == ("FLOAT64", "NULLABLE")
@@ -229,15 +231,15 @@ def test_first_load_creates_a_partitioned_clustered_table(
     assert table.time_partitioning is not None
     assert table.time_partitioning.type_ == "MONTH"
     assert table.time_partitioning.field == "pickup_datetime"
-    assert table.clustering_fields == ["pickup_location_id"]
+    assert table.clustering_fields == ["source_uri"]
     assert [f.name for f in table.schema] == CANONICAL_SCHEMA.names
     types = {f.name: f.field_type for f in table.schema}
-    assert types["pickup_datetime"] == "TIMESTAMP"
+    assert types["pickup_datetime"] == types["dropoff_datetime"] == "DATETIME"
     assert types["ingested_at"] == "TIMESTAMP"
     assert types["vendor_id"] in ("INT64", "INTEGER")
     assert {f.name for f in table.schema if f.mode == "REQUIRED"} == {
         "taxi_type", "source_uri", "source_generation", "ingested_at"}
-    assert tables(warehouse) == {TABLE, LOAD_LOG}  # the staging table is gone
+    assert tables(warehouse) == {TABLE, LOAD_LOG, LOAD_RANGES}  # the staging table is gone
 
     # exactly the processed file's rows, value for value
     expected = pq.read_table(p.path)
@@ -248,8 +250,8 @@ def test_first_load_creates_a_partitioned_clustered_table(
     )
     assert n == p.rows
     assert total == pytest.approx(pc.sum(expected.column("total_amount")).as_py())
-    assert first == pc.min(expected.column("pickup_datetime")).as_py().replace(tzinfo=UTC)
-    assert last == pc.max(expected.column("pickup_datetime")).as_py().replace(tzinfo=UTC)
+    assert first == pc.min(expected.column("pickup_datetime")).as_py()  # wall clock, naive
+    assert last == pc.max(expected.column("pickup_datetime")).as_py()
     assert ingested == datetime(2025, 1, 1, tzinfo=UTC)
 
     assert warehouse.rows_for(TABLE, YELLOW_URI) == p.rows
@@ -282,7 +284,7 @@ def test_rerun_after_losing_the_log_row_does_not_duplicate(
     assert result == LoadResult(TABLE, YELLOW_URI, 1, p.rows, p.rows, "loaded")
     assert total_rows(warehouse) == p.rows
     assert warehouse.loaded(TABLE, YELLOW_URI) == (1, p.rows)
-    assert tables(warehouse) == {TABLE, LOAD_LOG}
+    assert tables(warehouse) == {TABLE, LOAD_LOG, LOAD_RANGES}
 
 
 def test_crash_after_merge_before_log_reruns_cleanly(
@@ -294,12 +296,12 @@ def test_crash_after_merge_before_log_reruns_cleanly(
         load(warehouse, p)
     assert warehouse.rows_for(TABLE, YELLOW_URI) == p.rows  # the MERGE had committed
     assert warehouse.loaded(TABLE, YELLOW_URI) is None
-    assert len(tables(warehouse)) == 3  # staging left behind
+    assert len(tables(warehouse)) == 4  # staging left behind
     monkeypatch.undo()
     assert load(warehouse, p).status == "loaded"
     assert total_rows(warehouse) == p.rows
     assert warehouse.loaded(TABLE, YELLOW_URI) == (1, p.rows)
-    assert tables(warehouse) == {TABLE, LOAD_LOG}
+    assert tables(warehouse) == {TABLE, LOAD_LOG, LOAD_RANGES}
 
 
 def test_newer_source_generation_replaces_rows(
@@ -334,7 +336,7 @@ def test_the_merge_never_moves_a_source_backwards(
     assert load(warehouse, old) == LoadResult(TABLE, YELLOW_URI, 1, 0, 0, "superseded")
     assert query(warehouse, "SELECT source_generation, COUNT(*) FROM {t} GROUP BY 1") == [
         (2, new.rows)]
-    assert tables(warehouse) == {TABLE, LOAD_LOG}
+    assert tables(warehouse) == {TABLE, LOAD_LOG, LOAD_RANGES}
 
 
 def test_retransform_of_the_same_source_generation_replaces_rows(
@@ -392,7 +394,7 @@ def test_rows_of_another_source_are_refused(warehouse: BigQueryWarehouse, stack:
         load(warehouse, p, source_uri=GREEN_URI)
     assert warehouse.rows_for(TABLE, GREEN_URI) == 0
     assert total_rows(warehouse) == 0
-    assert tables(warehouse) == {TABLE, LOAD_LOG}
+    assert tables(warehouse) == {TABLE, LOAD_LOG, LOAD_RANGES}
 
 
 def test_missing_object_fails_without_damage(warehouse: BigQueryWarehouse, stack: Stack) -> None:

@@ -12,12 +12,21 @@ Exactly once in effect, step by step:
      -> "already_loaded"; a newer source generation is loaded -> "superseded".
   2. Load job (deterministic id) -> a staging table of this object generation;
      its rows are checked against the lineage read from the object's footer.
-  3. MERGE: delete the source's rows, insert the staging rows. It only ever
-     moves a source forward: with rows of a newer source generation present it
-     changes nothing, so racing loads of one source converge on the newest.
-  4. Upsert the `_loads` row (never lowering the generation), drop staging.
+  3. Widen the source's row in `_load_ranges` (the partition months its rows
+     may occupy) by the staged rows' months, BEFORE the MERGE: so rows in the
+     table always lie inside the recorded months, even after a crash.
+  4. MERGE: delete the source's rows, insert the staging rows, touching only the
+     recorded months' partitions. It only ever moves a source forward: with rows
+     of a newer source generation present it changes nothing, so racing loads
+     of one source converge on the newest. If another load widened the months
+     meanwhile, the MERGE runs again over the wider months.
+  5. Upsert the `_loads` row (never lowering the generation), drop staging.
 A crash anywhere re-runs cleanly: the load job is adopted or re-run, and the
 MERGE replaces rather than appends, so no row is ever duplicated.
+
+Months only ever widen (unknown, NULL, is the widest: the unbounded MERGE). A
+table made before `_load_ranges` existed gets its months from one scan of the
+table, the first time this version loads into it.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pyarrow as pa
 from google.api_core import exceptions as api_exceptions
@@ -36,6 +45,7 @@ from taxi_pipeline import gcp_names
 from taxi_pipeline.warehouse.base import LoadResult
 
 LOAD_LOG = "_loads"
+LOAD_RANGES = "_load_ranges"
 STAGING_PREFIX = "_staging_"
 # Leftover staging tables of crashed runs disappear by themselves on BigQuery.
 STAGING_TTL = timedelta(days=7)
@@ -56,6 +66,16 @@ _LOG_SCHEMA = [
     bigquery.SchemaField("loaded_at", "TIMESTAMP", mode="REQUIRED"),
 ]
 
+# First days of the lowest and highest partition month holding rows of a source;
+# NULL when unknown (rows without a partition value): then nothing is bounded.
+_RANGES_SCHEMA = [
+    bigquery.SchemaField("table_name", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("source_uri", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("min_partition", "DATE"),
+    bigquery.SchemaField("max_partition", "DATE"),
+    bigquery.SchemaField("updated_at", "TIMESTAMP", mode="REQUIRED"),
+]
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,9 +84,13 @@ class BigQueryLoadError(RuntimeError):
 
 
 def bigquery_type(arrow_type: pa.DataType) -> str:
-    """Standard SQL type for an Arrow type (every timestamp is a TIMESTAMP)."""
+    """Standard SQL type for an Arrow type.
+
+    A naive timestamp is a wall-clock time (TLC pickups are New York local time)
+    and becomes a DATETIME; as a TIMESTAMP it would read as that time in UTC.
+    """
     if pa.types.is_timestamp(arrow_type):
-        return "TIMESTAMP"
+        return "DATETIME" if arrow_type.tz is None else "TIMESTAMP"
     if pa.types.is_integer(arrow_type) and arrow_type != pa.uint64():
         return "INT64"
     if pa.types.is_floating(arrow_type):
@@ -98,9 +122,46 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()
 
 
-def _param(name: str, value: str | int) -> bigquery.ScalarQueryParameter:
-    return bigquery.ScalarQueryParameter(name, "STRING" if isinstance(value, str) else "INT64",
-                                         value)
+ParamValue = str | int | date | datetime
+
+
+def _param(name: str, value: ParamValue) -> bigquery.ScalarQueryParameter:
+    """A typed parameter: naive datetimes are DATETIME, aware ones TIMESTAMP."""
+    if isinstance(value, bool):
+        raise TypeError(f"no query parameter type for {value!r}")
+    if isinstance(value, datetime):
+        kind = "DATETIME" if value.tzinfo is None else "TIMESTAMP"
+    elif isinstance(value, date):
+        kind = "DATE"
+    else:
+        kind = "STRING" if isinstance(value, str) else "INT64"
+    return bigquery.ScalarQueryParameter(name, kind, value)
+
+
+def _month(value: date) -> date:
+    """First day of the partition month of a DATE, DATETIME or (UTC) TIMESTAMP value."""
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return date(value.year, value.month, 1)
+
+
+def _next_month(first: date) -> date:
+    return date(first.year + first.month // 12, first.month % 12 + 1, 1)
+
+
+@dataclass(frozen=True)
+class Months:
+    """Partition months `first`..`last` (first days, inclusive) holding a source's rows."""
+
+    first: date
+    last: date
+
+    def covers(self, other: Months) -> bool:
+        return self.first <= other.first and other.last <= self.last
+
+
+# What the partition filter bounds by; None means unbounded (unknown months).
+Bound = Months | None
 
 
 @dataclass(frozen=True)
@@ -109,6 +170,9 @@ class _Staged:
 
     rows: int
     newer_generation: int | None  # set when the live object is a newer source generation
+    # Months of the staged rows: None if some row has no partition value (or there
+    # is no partition field); an empty staging table has no months either.
+    months: Bound = None
 
 
 class BigQueryWarehouse:
@@ -121,7 +185,7 @@ class BigQueryWarehouse:
         location: str,
         *,
         partition_field: str | None = "pickup_datetime",
-        cluster_fields: tuple[str, ...] = ("pickup_location_id",),
+        cluster_fields: tuple[str, ...] = ("source_uri",),
     ) -> None:
         self.client = client
         # Identifiers are formatted into SQL, so only valid spellings get through
@@ -206,8 +270,60 @@ class BigQueryWarehouse:
             target.clustering_fields = list(self.cluster_fields)
         existing = self._get_or_create(target)
         self._check_columns(table, existing.schema, wanted)
+        if self.cluster_fields and list(existing.clustering_fields or []) != list(
+                self.cluster_fields):
+            # Still correct, only dearer: the DELETE by source cannot skip blocks.
+            logger.info("table %s is clustered on %s, not %s; loads work but scan more",
+                        self._table_id(table), existing.clustering_fields,
+                        list(self.cluster_fields))
         self._get_or_create(bigquery.Table(self._table_id(LOAD_LOG), schema=_LOG_SCHEMA))
+        if self.partition_field is not None:
+            self._get_or_create(bigquery.Table(self._table_id(LOAD_RANGES),
+                                               schema=_RANGES_SCHEMA))
+            self._init_ranges(table, self._partition_type(wanted))
         self._ready.add(table)
+
+    def _partition_type(self, fields: list[bigquery.SchemaField]) -> str:
+        return next(f.field_type for f in fields if f.name == self.partition_field)
+
+    def _init_ranges(self, table: str, partition_type: str) -> None:
+        """Record the months of every source in a table that has no `_load_ranges` rows.
+
+        A table loaded before `_load_ranges` existed holds rows nobody recorded;
+        one scan of its source and partition columns records them. Free on an
+        empty (new) table; never needed again once a load recorded any months.
+        """
+        _, rows = self._query(
+            f"SELECT COUNT(*) AS n FROM {self._sql(LOAD_RANGES)} WHERE table_name = @table_name",
+            {"table_name": table},
+        )
+        if int(rows[0]["n"]) > 0:
+            return
+        field = f"`{self.partition_field}`"
+        low, high = (f"MIN({field})", f"MAX({field})") if partition_type == "DATE" else (
+            f"DATE(MIN({field}))", f"DATE(MAX({field}))")
+        self._query(
+            f"MERGE {self._sql(LOAD_RANGES)} AS R\n"
+            f"USING (SELECT @table_name AS table_name, source_uri,"
+            f" IF(COUNTIF({field} IS NULL) > 0, NULL, DATE_TRUNC({low}, MONTH)) AS lo,"
+            f" IF(COUNTIF({field} IS NULL) > 0, NULL, DATE_TRUNC({high}, MONTH))"
+            f" AS hi FROM {self._sql(table)} GROUP BY source_uri) AS N\n"
+            "ON R.table_name = N.table_name AND R.source_uri = N.source_uri\n"
+            + self._widen_clauses(),
+            {"table_name": table},
+        )
+
+    @staticmethod
+    def _widen_clauses() -> str:
+        """MERGE clauses that widen a `_load_ranges` row by N.lo..N.hi (NULL: unknown)."""
+        return (
+            "WHEN MATCHED AND R.min_partition IS NOT NULL THEN UPDATE SET"
+            " min_partition = IF(N.lo IS NULL OR N.hi IS NULL, NULL, LEAST(R.min_partition, N.lo)),"
+            " max_partition = IF(N.lo IS NULL OR N.hi IS NULL, NULL,"
+            " GREATEST(R.max_partition, N.hi)), updated_at = CURRENT_TIMESTAMP()\n"
+            "WHEN NOT MATCHED THEN INSERT (table_name, source_uri, min_partition, max_partition,"
+            " updated_at) VALUES (N.table_name, N.source_uri, N.lo, N.hi, CURRENT_TIMESTAMP())"
+        )
 
     @staticmethod
     def _require_column(schema: pa.Schema, name: str, role: str) -> None:
@@ -224,23 +340,56 @@ class BigQueryWarehouse:
                        wanted: list[bigquery.SchemaField]) -> None:
         have = {f.name: (_LEGACY_TYPES.get(f.field_type, f.field_type), f.mode) for f in existing}
         problems = []
+        wall_clock = []  # TIMESTAMP columns an earlier version made of wall-clock times
         for field in wanted:
             found = have.get(field.name)
             if found is None:
                 problems.append(f"{field.name} is missing")
             elif found[0] != field.field_type:
                 problems.append(f"{field.name} is {found[0]}, expected {field.field_type}")
+                if (found[0], field.field_type) == ("TIMESTAMP", "DATETIME"):
+                    wall_clock.append(field.name)
             elif found[1] == "REQUIRED" and field.mode != "REQUIRED":
                 problems.append(f"{field.name} is REQUIRED but the data may hold nulls")
+        if problems and len(wall_clock) == len(problems):
+            raise BigQueryLoadError(self._wall_clock_migration(table, wall_clock))
         if problems:
             raise BigQueryLoadError(
                 f"table {self._table_id(table)} does not fit the processed files: "
                 f"{'; '.join(problems)}. Migrate it, or load into a new table (TAXI_TABLE)."
             )
 
+    def _wall_clock_migration(self, table: str, columns: list[str]) -> str:
+        """What to do with a table whose wall-clock columns an earlier version made TIMESTAMP.
+
+        That version loaded New York wall-clock times as if they were UTC, so the
+        stored instants carry the wall-clock digits in UTC: DATETIME(ts, 'UTC')
+        gives them back unchanged (a New York zone would shift them by 4-5 hours).
+        """
+        new = f"{table}_datetime"
+        replace = ", ".join(f"DATETIME(`{c}`, 'UTC') AS `{c}`" for c in columns)
+        partition = ""
+        if self.partition_field is not None:
+            trunc = "DATETIME_TRUNC" if self.partition_field in columns else "TIMESTAMP_TRUNC"
+            partition = f" PARTITION BY {trunc}(`{self.partition_field}`, MONTH)"
+        cluster = (f" CLUSTER BY {', '.join(f'`{c}`' for c in self.cluster_fields)}"
+                   if self.cluster_fields
+                   else "")
+        return (
+            f"table {self._table_id(table)} stores {', '.join(columns)} as TIMESTAMP (an earlier "
+            "version's wall-clock times read as UTC); they are DATETIME now. Either set "
+            "TAXI_TABLE to a new table name and re-emit the processed files to fill it "
+            "(taxi-pipeline reemit --stage processed), or convert this table while no load "
+            "runs (pause the load deployment), keeping the wall-clock digits:\n"
+            f"  CREATE TABLE {self._sql(new)}{partition}{cluster} AS SELECT * REPLACE "
+            f"({replace}) FROM {self._sql(table)};\n"
+            f"  DROP TABLE {self._sql(table)};\n"
+            f"  ALTER TABLE {self._sql(new)} RENAME TO `{table}`;"
+        )
+
     # -- queries -----------------------------------------------------------------
 
-    def _query(self, sql: str, params: Mapping[str, str | int] | None = None
+    def _query(self, sql: str, params: Mapping[str, ParamValue] | None = None
                ) -> tuple[bigquery.QueryJob, list[bigquery.Row]]:
         """Run one parameterised statement; (finished job, result rows)."""
         config = bigquery.QueryJobConfig(
@@ -314,8 +463,8 @@ class BigQueryWarehouse:
             self._drop(staging)
             return result("superseded")
 
-        inserted, deleted = self._replace_rows(table, staging, schema, source_uri,
-                                               source_generation, staged.rows)
+        inserted, deleted = self._replace_rows_within_months(
+            table, staging, schema, source_uri, source_generation, staged)
         if inserted == 0 and staged.rows > 0:  # a newer generation was merged meanwhile
             self._drop(staging)
             return result("superseded", 0, deleted)
@@ -409,10 +558,15 @@ class BigQueryWarehouse:
         A load job reads the live object, which may be a newer generation than the
         event named: its rows then carry a newer source generation.
         """
+        partition = ""
+        if self.partition_field is not None:
+            field = f"`{self.partition_field}`"
+            partition = (f" MIN({field}) AS min_partition, MAX({field}) AS max_partition,"
+                         f" COUNTIF({field} IS NULL) AS unpartitioned,")
         try:
             _, rows = self._query(
                 "SELECT COUNT(*) AS n, COUNTIF(source_uri != @source_uri) AS foreign_rows,"
-                " MIN(source_generation) AS min_generation,"
+                f"{partition} MIN(source_generation) AS min_generation,"
                 f" MAX(source_generation) AS max_generation FROM {self._sql(staging)}",
                 {"source_uri": source_uri},
             )
@@ -422,12 +576,15 @@ class BigQueryWarehouse:
         count = int(row["n"])
         if count == 0:
             return _Staged(0, None)
+        months = None
+        if self.partition_field is not None and int(row["unpartitioned"]) == 0:
+            months = Months(_month(row["min_partition"]), _month(row["max_partition"]))
         low, high = int(row["min_generation"]), int(row["max_generation"])
         if int(row["foreign_rows"]) == 0 and low == high:
             if high == source_generation:
-                return _Staged(count, None)
+                return _Staged(count, None, months)
             if high > source_generation:
-                return _Staged(count, high)
+                return _Staged(count, high, months)
         self._drop(staging)
         raise BigQueryLoadError(
             f"{object_uri} does not hold the rows of {source_uri} generation "
@@ -436,31 +593,123 @@ class BigQueryWarehouse:
             "for the source so the processed object matches its lineage."
         )
 
+    def _months(self, table: str, source_uri: str) -> tuple[bool, Bound]:
+        """(recorded, months): whether `_load_ranges` has a row for the source, and its months."""
+        _, rows = self._query(
+            f"SELECT min_partition, max_partition FROM {self._sql(LOAD_RANGES)}"
+            " WHERE table_name = @table_name AND source_uri = @source_uri",
+            {"table_name": table, "source_uri": source_uri},
+        )
+        if not rows:
+            return False, None
+        low, high = rows[0]["min_partition"], rows[0]["max_partition"]
+        return True, (None if low is None or high is None else Months(low, high))
+
+    def _widen(self, table: str, source_uri: str, staged: _Staged) -> Bound:
+        """Add the staged rows' months to the source's months; the months to bound by.
+
+        Written before the MERGE, so a crash after it cannot leave rows outside
+        the recorded months for a later load to miss.
+        """
+        if staged.rows == 0:  # nothing to add
+            recorded, months = self._months(table, source_uri)
+            return months if recorded else None
+        params: dict[str, ParamValue] = {"table_name": table, "source_uri": source_uri}
+        if staged.months is None:
+            values = "CAST(NULL AS DATE) AS lo, CAST(NULL AS DATE) AS hi"
+        else:
+            values = "@lo AS lo, @hi AS hi"
+            params.update(lo=staged.months.first, hi=staged.months.last)
+        self._query(
+            f"MERGE {self._sql(LOAD_RANGES)} AS R\n"
+            f"USING (SELECT @table_name AS table_name, @source_uri AS source_uri, {values}) AS N\n"
+            "ON R.table_name = N.table_name AND R.source_uri = N.source_uri\n"
+            + self._widen_clauses(),
+            params,
+        )
+        return self._months(table, source_uri)[1]
+
+    def _replace_rows_within_months(self, table: str, staging: str, schema: pa.Schema,
+                                    source_uri: str, source_generation: int,
+                                    staged: _Staged) -> tuple[int, int]:
+        """(inserted, deleted): the MERGE bounded by the source's recorded months.
+
+        A racing load of the same source widens the months before its MERGE; if
+        that happened before ours committed, the months read after ours are wider
+        and the MERGE runs again over them (it replaces, so running twice is
+        harmless): no row of the source is ever outside the partitions scanned.
+        """
+        if self.partition_field is None:
+            return self._replace_rows(table, staging, schema, source_uri, source_generation,
+                                      staged.rows, None)
+        bound = self._widen(table, source_uri, staged)
+        deleted = 0
+        while True:
+            inserted, removed = self._replace_rows(table, staging, schema, source_uri,
+                                                   source_generation, staged.rows, bound)
+            deleted += removed
+            if bound is None:
+                return inserted, deleted
+            recorded, now = self._months(table, source_uri)
+            if recorded and now is not None and bound.covers(now):
+                return inserted, deleted
+            logger.info("months of %s widened to %s during the load; merging again", source_uri,
+                        now)
+            bound = now
+            deleted -= inserted  # our own rows, deleted again by the next MERGE
+
+    def _partition_filter(self, alias: str, bound: Bound, schema: pa.Schema
+                          ) -> tuple[str, dict[str, ParamValue]]:
+        """` AND <alias>.<partition> >= @part_lo AND ... < @part_hi` in the column's type.
+
+        Constant bounds of the column's own type let BigQuery prune partitions.
+        """
+        if bound is None or self.partition_field is None:
+            return "", {}
+        low, high = bound.first, _next_month(bound.last)
+        kind = self._partition_type(bigquery_schema(schema))
+        values: dict[str, ParamValue]
+        if kind == "DATETIME":
+            values = {"part_lo": datetime(low.year, low.month, 1),
+                      "part_hi": datetime(high.year, high.month, 1)}
+        elif kind == "TIMESTAMP":
+            values = {"part_lo": datetime(low.year, low.month, 1, tzinfo=UTC),
+                      "part_hi": datetime(high.year, high.month, 1, tzinfo=UTC)}
+        else:
+            values = {"part_lo": low, "part_hi": high}
+        column = f"{alias}`{self.partition_field}`"
+        return f" AND {column} >= @part_lo AND {column} < @part_hi", values
+
     def _replace_rows(self, table: str, staging: str, schema: pa.Schema, source_uri: str,
-                      source_generation: int, staged_rows: int) -> tuple[int, int]:
+                      source_generation: int, staged_rows: int, bound: Bound
+                      ) -> tuple[int, int]:
         """(inserted, deleted) by ONE atomic MERGE.
 
         `ON FALSE` makes every source row of the target "not matched by source"
         (deleted) and every staging row "not matched" (inserted). The USING guard
         inserts nothing while the target holds a newer generation of the source,
-        and the DELETE spares such rows. The explicit INSERT column list (not
+        and the DELETE spares such rows. Both only look at the partitions of
+        `bound` (all of them when None). The explicit INSERT column list (not
         `INSERT ROW`) is needed by the emulator and fine on BigQuery.
         """
         columns = [f"`{name}`" for name in schema.names]  # validated by bigquery_schema
         target = self._sql(table)
+        inner, params = self._partition_filter("G.", bound, schema)
+        outer, _ = self._partition_filter("T.", bound, schema)
         job, _ = self._query(
             f"MERGE {target} AS T\n"
             f"USING (\n"
             f"  SELECT * FROM {self._sql(staging)}\n"
-            f"  WHERE NOT EXISTS (SELECT 1 FROM {target}\n"
-            f"    WHERE source_uri = @source_uri AND source_generation > @source_generation)\n"
+            f"  WHERE NOT EXISTS (SELECT 1 FROM {target} AS G\n"
+            f"    WHERE G.source_uri = @source_uri AND G.source_generation > @source_generation"
+            f"{inner})\n"
             f") AS S\n"
             f"ON FALSE\n"
             f"WHEN NOT MATCHED BY SOURCE AND T.source_uri = @source_uri\n"
-            f"  AND T.source_generation <= @source_generation THEN DELETE\n"
+            f"  AND T.source_generation <= @source_generation{outer} THEN DELETE\n"
             f"WHEN NOT MATCHED THEN INSERT ({', '.join(columns)})\n"
             f"  VALUES ({', '.join('S.' + c for c in columns)})",
-            {"source_uri": source_uri, "source_generation": source_generation},
+            {"source_uri": source_uri, "source_generation": source_generation, **params},
         )
         stats = job.dml_stats
         if stats is not None:
