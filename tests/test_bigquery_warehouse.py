@@ -9,10 +9,12 @@ path is exercised too.
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from taxi_pipeline.warehouse.bigquery_warehouse import (
     STAGING_PREFIX,
     BigQueryLoadError,
     BigQueryWarehouse,
+    Months,
     bigquery_schema,
 )
 
@@ -79,9 +82,10 @@ class Stack:
         rows: int = 1_500,
         seed: int = 0,
         name: str | None = None,
+        month: int = 1,
     ) -> Processed:
         """Transform a synthetic raw month and upload the result (a new object generation)."""
-        sample = generate_month(dataset, 2024, 1, rows, seed=seed)  # type: ignore[arg-type]
+        sample = generate_month(dataset, 2024, month, rows, seed=seed)  # type: ignore[arg-type]
         tag = f"{dataset}-{source_generation}-{rows}-{seed}-{uuid.uuid4().hex[:6]}"
         raw = write_month(sample, self.work / "raw" / f"{tag}.parquet")
         out = self.work / "processed" / f"{tag}.parquet"
@@ -93,7 +97,7 @@ class Stack:
             source_uri=source_uri,
             source_generation=source_generation,
             taxi_type=dataset,
-            month=(2024, 1),
+            month=(2024, month),
             ingested_at=datetime(2025, 1, 1, tzinfo=UTC),
         )
         blob = self.bucket.blob(name or f"processed/{dataset}/{tag}.parquet")
@@ -523,3 +527,253 @@ def test_staging_tables_are_per_table_source_and_object_generation() -> None:
              for t in ("trips", "trips2") for s in (YELLOW_URI, GREEN_URI) for g in (1, 2)}
     assert len(names) == 8
     assert all(n.startswith(STAGING_PREFIX) for n in names)
+
+
+# -- wall-clock times (DATETIME) --------------------------------------------------------
+
+
+def wall_clock(path: Path) -> list[tuple[datetime, datetime]]:
+    table = pq.read_table(path, columns=["pickup_datetime", "dropoff_datetime"])
+    return sorted(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
+
+
+def test_wall_clock_times_load_as_datetime_unchanged(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    """Every pickup/dropoff equals the parquet's naive New York wall-clock value."""
+    p = stack.processed(rows=800)
+    load(warehouse, p)
+    rows = query(warehouse, "SELECT pickup_datetime, dropoff_datetime FROM {t}")
+    assert sorted(rows) == wall_clock(p.path)
+    assert all(r[0].tzinfo is None for r in rows)
+
+
+def old_version_table(warehouse: BigQueryWarehouse, p: Processed) -> list[bigquery.SchemaField]:
+    """The table an earlier version made: wall-clock columns as TIMESTAMP, loaded from `p`."""
+    old_schema = [bigquery.SchemaField(f.name, "TIMESTAMP" if f.field_type == "DATETIME"
+                                       else f.field_type, mode=f.mode)
+                  for f in bigquery_schema(CANONICAL_SCHEMA)]
+    table_id = f"{PROJECT}.{warehouse.dataset}.{TABLE}"
+    warehouse.client.create_dataset(f"{PROJECT}.{warehouse.dataset}")
+    old = bigquery.Table(table_id, schema=old_schema)
+    old.time_partitioning = bigquery.TimePartitioning(type_="MONTH", field="pickup_datetime")
+    old.clustering_fields = ["pickup_location_id"]
+    warehouse.client.create_table(old)
+    warehouse.client.load_table_from_uri(p.uri, table_id, job_config=bigquery.LoadJobConfig(
+        source_format=bigquery.SourceFormat.PARQUET, schema=old_schema)).result()
+    return old_schema
+
+
+def test_old_timestamp_table_gets_the_migration_statement(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    """The hint's CREATE TABLE ... AS SELECT gives back the parquet's wall-clock values.
+
+    (The emulator runs the CREATE TABLE AS SELECT; it keeps no partitioning of it and
+    ignores ALTER TABLE RENAME in its table metadata, so those two steps are only
+    checked as text.)
+    """
+    p = stack.processed(rows=600)
+    old_version_table(warehouse, p)
+    [(stored,)] = query(warehouse, "SELECT MIN(pickup_datetime) FROM {t}")
+    assert stored.tzinfo is not None  # the wall clock read as UTC
+    with pytest.raises(BigQueryLoadError) as failure:
+        load(warehouse, stack.processed(source_generation=2, rows=600))
+    message = str(failure.value)
+    table = f"`{PROJECT}.{warehouse.dataset}.{TABLE}`"
+    new = f"`{PROJECT}.{warehouse.dataset}.{TABLE}_datetime`"
+    assert "pickup_datetime, dropoff_datetime as TIMESTAMP" in message
+    assert "TAXI_TABLE" in message
+    create = (
+        f"CREATE TABLE {new} PARTITION BY DATETIME_TRUNC(`pickup_datetime`, MONTH)"
+        " CLUSTER BY `source_uri` AS SELECT * REPLACE (DATETIME(`pickup_datetime`, 'UTC')"
+        " AS `pickup_datetime`, DATETIME(`dropoff_datetime`, 'UTC') AS `dropoff_datetime`)"
+        f" FROM {table};"
+    )
+    assert create in message
+    assert f"DROP TABLE {table};" in message
+    assert f"ALTER TABLE {new} RENAME TO `{TABLE}`;" in message
+    assert "America/New_York" not in message
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == p.rows  # nothing changed
+
+    warehouse.client.query(create.rstrip(";")).result()
+    converted = [tuple(r.values()) for r in warehouse.client.query(
+        f"SELECT pickup_datetime, dropoff_datetime FROM {new}").result()]
+    assert sorted(converted) == wall_clock(p.path)
+
+
+def test_old_timestamp_table_leaves_a_new_table_loadable(stack: Stack, dataset: str) -> None:
+    """The hint's other way: TAXI_TABLE names a new table, which gets DATETIME columns."""
+    warehouse = BigQueryWarehouse(stack.client, dataset, LOCATION)
+    old_version_table(warehouse, stack.processed(rows=300))
+    p = stack.processed(rows=500)
+    assert load(warehouse, p, table="trips_v2").status == "loaded"
+    table = warehouse.client.get_table(f"{PROJECT}.{dataset}.trips_v2")
+    assert {f.name: f.field_type for f in table.schema}["pickup_datetime"] == "DATETIME"
+    assert warehouse.rows_for("trips_v2", YELLOW_URI) == p.rows
+
+
+# -- partition bounds -------------------------------------------------------------------
+
+
+class SpyClient(bigquery.Client):
+    """Records each query's SQL and parameters (name -> (type, value))."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queries: list[tuple[str, dict[str, tuple[str, Any]]]] = []
+
+    def query(self, query: str, job_config: Any = None,  # type: ignore[override]
+              **kwargs: Any) -> bigquery.QueryJob:
+        params = {p.name: (p.type_, p.value)
+                  for p in (job_config.query_parameters if job_config else [])}
+        self.queries.append((query, params))
+        return super().query(query, job_config=job_config, **kwargs)
+
+    def merges(self, table: str) -> list[tuple[str, dict[str, tuple[str, Any]]]]:
+        return [(sql, params) for sql, params in self.queries
+                if sql.startswith(f"MERGE `{PROJECT}.") and f".{table}` AS T" in sql]
+
+
+@pytest.fixture
+def spied(stack: Stack, dataset: str) -> tuple[BigQueryWarehouse, SpyClient]:
+    client = bq_client(stack.bq, SpyClient)
+    assert isinstance(client, SpyClient)
+    return BigQueryWarehouse(client, dataset, LOCATION), client
+
+
+BOUNDED = ("G.`pickup_datetime` >= @part_lo AND G.`pickup_datetime` < @part_hi",
+           "T.`pickup_datetime` >= @part_lo AND T.`pickup_datetime` < @part_hi THEN DELETE")
+
+
+def test_the_merge_scans_only_the_months_of_the_source(
+    spied: tuple[BigQueryWarehouse, SpyClient], stack: Stack
+) -> None:
+    """Both the newer-generation guard and the DELETE carry month-aligned partition bounds
+    covering the staged rows AND the previous generation's rows (another month here).
+
+    The saving is shown on the SQL and its parameters: the emulator answers a dry run
+    with total_bytes_processed 0, whatever the statement, so it cannot measure it.
+    """
+    warehouse, client = spied
+    january = stack.processed(source_generation=1, rows=700, month=1)
+    february = stack.processed(source_generation=2, rows=900, month=2)
+    other = stack.processed(dataset="green", source_uri=GREEN_URI, rows=400, month=3)
+    load(warehouse, other)
+    load(warehouse, january)
+    [(sql, params)] = client.merges(TABLE)[1:]
+    assert all(part in sql for part in BOUNDED)
+    assert params["part_lo"] == ("DATETIME", datetime(2024, 1, 1))
+    assert params["part_hi"] == ("DATETIME", datetime(2024, 2, 1))
+
+    result = load(warehouse, february)
+    assert result == LoadResult(TABLE, YELLOW_URI, 2, february.rows, january.rows, "loaded")
+    [(sql, params)] = client.merges(TABLE)[2:]
+    assert all(part in sql for part in BOUNDED)
+    # January (the previous generation's rows) through February (the staged rows)
+    assert params["part_lo"] == ("DATETIME", datetime(2024, 1, 1))
+    assert params["part_hi"] == ("DATETIME", datetime(2024, 3, 1))
+    assert query(warehouse, "SELECT source_generation, COUNT(*) FROM {t}"
+                 " WHERE source_uri = @u GROUP BY 1", u=YELLOW_URI) == [(2, february.rows)]
+    assert warehouse.rows_for(TABLE, GREEN_URI) == other.rows
+
+
+def test_the_bounded_merge_sql_and_parameters() -> None:
+    """The generated statement itself (no emulator): bounded by months, or not at all."""
+    class FakeJob:
+        dml_stats = None
+        num_dml_affected_rows = 0
+
+        def result(self) -> list[Any]:
+            return []
+
+    class FakeClient:
+        project = PROJECT
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, Any]] = []
+
+        def query(self, sql: str, job_config: Any, **kwargs: Any) -> FakeJob:
+            self.calls.append((sql, job_config))
+            return FakeJob()
+
+    fake = FakeClient()
+    warehouse = BigQueryWarehouse(fake, "taxi", LOCATION)  # type: ignore[arg-type]
+    warehouse._replace_rows(TABLE, "_staging_x", CANONICAL_SCHEMA, YELLOW_URI, 3, 10,
+                            Months(date(2023, 12, 1), date(2024, 1, 1)))
+    warehouse._replace_rows(TABLE, "_staging_x", CANONICAL_SCHEMA, YELLOW_URI, 3, 10, None)
+    (bounded, config), (unbounded, _) = fake.calls
+    assert all(part in bounded for part in BOUNDED)
+    params = {p.name: (p.type_, p.value) for p in config.query_parameters}
+    assert params == {"source_uri": ("STRING", YELLOW_URI), "source_generation": ("INT64", 3),
+                      "part_lo": ("DATETIME", datetime(2023, 12, 1)),
+                      "part_hi": ("DATETIME", datetime(2024, 2, 1))}  # across the year end
+    assert "@part_lo" not in unbounded and "NOT MATCHED BY SOURCE" in unbounded
+
+
+def test_a_crashed_load_in_other_months_is_still_replaced(
+    warehouse: BigQueryWarehouse, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows merged by a load that died before its log write lie in months nobody logged in
+    `_loads`; the months were recorded before the MERGE, so the next generation's bounded
+    MERGE still removes them.
+
+    (This guards exactly-once under the new bounds; the unbounded MERGE of before passed
+    it too.)
+    """
+    january = stack.processed(source_generation=1, rows=700, month=1)
+    march = stack.processed(source_generation=2, rows=500, month=3)
+    monkeypatch.setattr(warehouse, "_record", crash)
+    with pytest.raises(WorkerKilled):
+        load(warehouse, january)
+    monkeypatch.undo()
+    assert load(warehouse, march).status == "loaded"
+    assert query(warehouse, "SELECT source_generation, COUNT(*) FROM {t} GROUP BY 1") == [
+        (2, march.rows)]
+    assert load(warehouse, january).status == "superseded"
+
+
+def test_a_table_from_before_load_ranges_gets_its_months_from_one_scan(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    """Unrecorded rows (a table loaded by the previous version) are found and replaced."""
+    january = stack.processed(source_generation=1, rows=700, month=1)
+    load(warehouse, january)
+    query(warehouse, f"DELETE FROM `{PROJECT}.{warehouse.dataset}.{LOAD_RANGES}` WHERE TRUE")
+    fresh = BigQueryWarehouse(warehouse.client, warehouse.dataset, LOCATION)
+    march = stack.processed(source_generation=2, rows=500, month=3)
+    assert load(fresh, march).status == "loaded"
+    assert query(warehouse, "SELECT source_generation, COUNT(*) FROM {t} GROUP BY 1") == [
+        (2, march.rows)]
+    assert query(warehouse, "SELECT min_partition, max_partition FROM"
+                 f" `{PROJECT}.{warehouse.dataset}.{LOAD_RANGES}`") == [
+        (date(2024, 1, 1), date(2024, 3, 1))]
+
+
+def test_a_table_clustered_the_old_way_keeps_loading(
+    stack: Stack, dataset: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = BigQueryWarehouse(stack.client, dataset, LOCATION,
+                            cluster_fields=("pickup_location_id",))
+    load(old, stack.processed(rows=300))
+    warehouse = BigQueryWarehouse(stack.client, dataset, LOCATION)
+    p = stack.processed(source_generation=2, rows=400)
+    with caplog.at_level(logging.INFO, logger="taxi_pipeline.warehouse.bigquery_warehouse"):
+        assert load(warehouse, p).status == "loaded"
+    assert "clustered on ['pickup_location_id'], not ['source_uri']" in caplog.text
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == p.rows
+
+
+def test_a_replacement_load_advances_loaded_at(
+    warehouse: BigQueryWarehouse, stack: Stack
+) -> None:
+    """`_record`'s UPDATE sets loaded_at (verifies the current behaviour; the DuckDB
+    warehouse had kept the first load's time)."""
+    load(warehouse, stack.processed(source_generation=1, rows=300))
+    [first] = warehouse.loads()
+    time.sleep(0.01)
+    load(warehouse, stack.processed(source_generation=2, rows=400))
+    [second] = warehouse.loads()
+    assert second["source_generation"] == 2
+    assert isinstance(first["loaded_at"], datetime) and isinstance(second["loaded_at"], datetime)
+    assert second["loaded_at"] > first["loaded_at"]
