@@ -3,7 +3,10 @@
 Polling, not inotify: a file is only ready once its size and change time have
 held still for `settle_seconds` (a slow copy keeps changing), and a .parquet
 file additionally once its footer magic is present. Polling sees both without
-tracking write events, and works on every OS and on network mounts.
+tracking write events, and works on every OS and on network mounts. A .parquet
+file that already has its footer and that no process holds open for writing
+is finished: it is announced at once, without the settle wait (every transform
+output, and a copy that has completed by the next poll).
 
 A file without a footer is never announced while a process holds it open for
 writing (seen in /proc, see `OpenForWriting`): a writer that pauses is not a
@@ -275,10 +278,9 @@ class DirectorySource:
         size = ref.size or 0
         watch = self.watching.get(ref.name)
         if watch is None or (watch.size, watch.generation) != (size, ref.generation):
-            self.watching[ref.name] = _Watch(size, ref.generation, now)
-            return None
+            watch = self.watching[ref.name] = _Watch(size, ref.generation, now)
         quiet = now - watch.stable_since
-        if quiet < self.settle:
+        if quiet < self.settle and not self._finished(ref):
             return None
         try:
             if not self._complete(ref, watch, quiet):
@@ -309,6 +311,27 @@ class DirectorySource:
             log.info("no lineage for uri=%s: %s", ref.uri, exc)
             return ref
         return dataclasses.replace(ref, extra={**ref.extra, **found}) if found else ref
+
+    def _finished(self, ref: ObjectRef) -> bool:
+        """A parquet file with its footer that no process holds open for writing.
+
+        Such a file is complete now: waiting for it to settle would only add
+        `settle_seconds` to every hop (the transform's outputs appear by an
+        atomic rename, finished). Where /proc cannot be read nobody is known to
+        write, so the settle wait stays the rule there.
+        """
+        if not ref.name.endswith(".parquet"):
+            return False
+        path = self.store.root / ref.name
+        try:
+            if not has_parquet_footer(path, strict=True):
+                return False
+        except OSError:
+            return False  # `_complete` reports what cannot be read, after the settle wait
+        if not self._open_read:
+            self._open = self.writers.snapshot()
+            self._open_read = True
+        return self._open is not None and str(path) not in self._open
 
     def _complete(self, ref: ObjectRef, watch: _Watch, quiet: float) -> bool:
         """Settled; is it finished? Raises OSError when the file cannot be read."""

@@ -400,8 +400,8 @@ def test_a_parquet_file_held_open_for_writing_is_never_announced_as_truncated(
         assert len(waiting) == 1  # logged once, not on every poll
         assert path.as_uri() in waiting[0] and str(os.getpid()) in waiting[0]
         writer.write(parquet[half:])
-    assert source.scan(now=1001.0) == []  # it changed: settle again
-    (ref,) = source.scan(now=1001.5)
+    # Closed with its footer: finished, so announced at the next poll, no settle wait.
+    (ref,) = source.scan(now=1000.1)
     assert ref.name == BAD
     assert ref.size == len(parquet)
     assert source.rejections() == []
@@ -459,13 +459,15 @@ def test_one_proc_snapshot_per_poll_and_only_when_needed(
 
     monkeypatch.setattr(writers, "snapshot", snapshot)
     source = make_source(store, tmp_path, settle=0.5, stall=2.0, writers=writers)
-    write(store, GOOD, parquet)  # complete: never needs /proc
+    write(store, GOOD, parquet)  # complete: one /proc read says nobody writes it
     for n in range(3):
         write(store, f"raw/yellow/2024/cut-{n}.parquet", parquet[:100])
-    assert [r.name for r in source.scan(now=0.0) + source.scan(now=1.0)] == [GOOD]
-    assert calls == []  # before the stall limit nobody asks /proc
+    assert [r.name for r in source.scan(now=0.0)] == [GOOD]
+    assert calls == [1]
+    assert source.scan(now=1.0) == []
+    assert calls == [1]  # files without a footer ask /proc only at the stall limit
     assert len(source.scan(now=3.0)) == 3
-    assert calls == [1]  # three candidates, one /proc read
+    assert calls == [1, 1]  # three candidates, one /proc read
 
 
 def test_without_proc_the_stall_timer_decides(
@@ -656,3 +658,21 @@ def test_a_processed_object_is_announced_with_the_lineage_in_its_footer(
     assert refs[bare].extra == {} and refs[GOOD].extra == {}
     (link,) = events.object_finalized(refs[processed], PREFIXES).related
     assert link.id == source_uri and link.role == "source"
+
+
+def test_a_finished_parquet_file_is_announced_at_once_and_an_open_one_settles(
+    store: LocalStore, tmp_path: Path, parquet: bytes
+) -> None:
+    """A footer and no writer: finished now. A writer still holding it: the settle wait."""
+    source = make_source(store, tmp_path, settle=5.0, stall=60.0)
+    done = store.root / GOOD
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_bytes(parquet)
+    held = store.root / BAD
+    held.parent.mkdir(parents=True, exist_ok=True)
+    with held.open("wb") as writer:
+        writer.write(parquet)
+        writer.flush()
+        assert [r.name for r in source.scan(now=0.0)] == [GOOD]
+        assert source.scan(now=4.9) == []
+        assert [r.name for r in source.scan(now=5.0)] == [BAD]
