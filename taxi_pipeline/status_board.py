@@ -47,7 +47,8 @@ LOADED = "loaded"
 QUARANTINED = "quarantined"
 FAILED = "failed"
 STALLED = "stalled"
-STAGES = (LOADED, QUARANTINED, FAILED, STALLED, TRANSFORMED, LANDED)
+DUPLICATE = "duplicate"
+STAGES = (LOADED, QUARANTINED, DUPLICATE, FAILED, STALLED, TRANSFORMED, LANDED)
 
 # Roles of the objects of one family, in the order they are shown.
 RAW, PROCESSED, REJECTS, QUARANTINE = "raw", "processed", "rejects", "quarantine"
@@ -62,7 +63,7 @@ _PROGRESS = {events.OBJECT_FINALIZED, events.TRANSFORM_STARTED, events.TRANSFORM
              events.DOWNLOAD_COMPLETED}
 # Payload keys worth a place on an event's line (all of it is in --json).
 _SHOWN = ("status", "rows", "rows_in", "rows_out", "rows_rejected", "output", "reason",
-          "detail", "why", "error", "attempt", "cause")
+          "detail", "why", "error", "attempt", "cause", "duplicate_of", "warehouse_keeps")
 
 
 class StatusError(Exception):
@@ -341,6 +342,7 @@ def classify(family: Family, refs: dict[str, ObjectRef], found: Iterable[Event],
     - loaded: the load log holds this generation (or a newer one);
     - quarantined: a quarantine event for this generation, or its quarantined copy
       is newer than any raw object;
+    - duplicate: the transform skipped it as a copy of an earlier raw object;
     - failed: its newest transform/load/recovery event is a failure (or the
       bridge could not announce the file);
     - stalled: none of those, in the bucket, quiet for `older_than` and nothing
@@ -393,6 +395,15 @@ def classify(family: Family, refs: dict[str, ObjectRef], found: Iterable[Event],
             row.reason = _short(f"{payload.get('reason', '?')}: {payload.get('detail', '')}")
         else:
             row.reason = f"in {family.names.get(QUARANTINE)} (no stored event says why)"
+        return row
+
+    duplicate = [e for e in current if e.event == events.OBJECT_DUPLICATE_CONTENT]
+    if duplicate and raw is not None and not any(
+            e.event == events.TRANSFORM_COMPLETED and e.occurred > duplicate[-1].occurred
+            for e in current):
+        row.stage = DUPLICATE
+        row.reason = _short(f"same bytes as {duplicate[-1].payload.get('duplicate_of', '?')}, "
+                            "which is loaded instead")
         return row
 
     significant = [e for e in relevant if e.event in _FAILURES | _PROGRESS]

@@ -20,6 +20,7 @@ from taxi_pipeline import events, status_board
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.status_board import (
+    DUPLICATE,
     FAILED,
     LANDED,
     LOADED,
@@ -223,6 +224,22 @@ def test_a_quarantined_object_says_why(family: Family) -> None:
     # Its events aged out of the server: the quarantined copy alone still says so.
     row = classify(family, moved, [], None, now=NOW, older_than=QUIET)
     assert row.stage == QUARANTINED and "quarantine/" in (row.reason or "")
+
+
+def test_a_skipped_copy_is_a_duplicate_not_stalled(family: Family) -> None:
+    landed = NOW - timedelta(hours=1)
+    raw = family.uris[RAW]
+    refs = {RAW: ref(family, RAW, 5, landed)}
+    found = [event(events.OBJECT_FINALIZED, raw, 5, landed),
+             event(events.TRANSFORM_STARTED, raw, 5, landed + timedelta(seconds=1)),
+             event(events.OBJECT_DUPLICATE_CONTENT, raw, 5, landed + timedelta(seconds=2),
+                   duplicate_of="file:///b/raw/first.parquet")]
+    row = classify(family, refs, found, None, now=NOW, older_than=QUIET)
+    assert row.stage == DUPLICATE
+    assert "file:///b/raw/first.parquet" in (row.reason or "")
+    # Forced through later (allow_duplicate_content): on its way like any file.
+    found.append(event(events.TRANSFORM_COMPLETED, raw, 5, NOW - timedelta(seconds=5)))
+    assert classify(family, refs, found, None, now=NOW, older_than=QUIET).stage == TRANSFORMED
 
 
 def test_failures_and_recovery(family: Family) -> None:
