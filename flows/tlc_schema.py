@@ -42,9 +42,28 @@ CANONICAL_SCHEMA = pa.schema(
     ]
 )
 
-REJECTS_SCHEMA = CANONICAL_SCHEMA.append(pa.field("reject_reason", pa.string(), nullable=False))
+# `reject_reason` is one of flows.quality.RULES (a short, groupable code);
+# `reject_detail` says more where the reason alone cannot: for
+# `unparseable_value` it names each bad column and its raw text
+# (`passenger_count='abc'; pickup_datetime='13/45/2024'`), else it is null.
+REJECTS_SCHEMA = CANONICAL_SCHEMA.append(
+    pa.field("reject_reason", pa.string(), nullable=False)
+).append(pa.field("reject_detail", pa.string()))
 
 LINEAGE_COLUMNS = ("taxi_type", "source_uri", "source_generation", "ingested_at")
+
+# The datasets this schema describes (fhv/fhvhv have no fares: schema_mismatch).
+DATASETS = ("yellow", "green")
+
+# TLC times are New York wall-clock times; a file whose times carry a zone is
+# converted to this zone's wall clock.
+TLC_TIME_ZONE = "America/New_York"
+
+# Codes TLC's data dictionary defines as "null/unknown": they become SQL null,
+# so `GROUP BY ratecode_id` and joins to the rate lookup do not show a fake
+# rate. The trip itself is kept: its times, places and fares are fine (1.2 %
+# of a 2025 yellow sample carries RatecodeID 99).
+NULL_CODES: dict[str, int] = {"ratecode_id": 99}
 
 # canonical name -> accepted source names (lower case)
 SOURCE_NAMES: dict[str, tuple[str, ...]] = {
@@ -82,6 +101,33 @@ REQUIRED_COLUMNS = (
     "trip_distance",
     "total_amount",
 )
+
+
+# Columns only one dataset has: the timestamp prefix first, then (for
+# snake_case copies without it) the columns peculiar to each dataset.
+_DATASET_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("yellow", ("tpep_pickup_datetime", "tpep_dropoff_datetime")),
+    ("green", ("lpep_pickup_datetime", "lpep_dropoff_datetime")),
+)
+_DATASET_HINTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("yellow", ("airport_fee",)),
+    ("green", ("trip_type", "ehail_fee")),
+)
+
+
+def dataset_from_schema(source: pa.Schema) -> str | None:
+    """`yellow`/`green` from the columns (tpep_* / lpep_*, else airport_fee / trip_type).
+
+    None when the columns do not say, or say both: the caller decides.
+    """
+    names = {name.lower() for name in source.names}
+    for markers in (_DATASET_MARKERS, _DATASET_HINTS):
+        found = {dataset for dataset, columns in markers if names & set(columns)}
+        if len(found) == 1:
+            return found.pop()
+        if found:
+            return None
+    return None
 
 
 class SchemaMismatch(ValueError):

@@ -1,7 +1,8 @@
 """Stream a raw TLC parquet file into the canonical schema, row group by row group.
 
 No Prefect here: the flow wraps this, the benchmark and the unit tests call it
-directly. Memory is bounded by one batch (`batch_rows`) whatever the file size.
+directly. Memory is bounded by one batch (`batch_rows`) plus the rows buffered
+for one output row group (see `ROW_GROUP_BYTES`), whatever the file size.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,13 +21,47 @@ import pyarrow.parquet as pq
 from flows.quality import reject_reasons
 from flows.tlc_schema import (
     CANONICAL_SCHEMA,
+    DATASETS,
+    LINEAGE_COLUMNS,
+    NULL_CODES,
     REJECTS_SCHEMA,
+    TLC_TIME_ZONE,
     SchemaMismatch,
+    dataset_from_schema,
     resolve_columns,
 )
 from taxi_pipeline.lineage import lineage_metadata
 
 _INT32_LIMIT = 2**31 - 1
+
+# Output row groups: pyarrow's and TLC's own 1Mi rows (~30 MiB of snappy
+# parquet), fewer when the buffered rows reach ROW_GROUP_BYTES of Arrow memory
+# first. DuckDB and BigQuery read a few large row groups far better than many
+# 131k-row ones. The bound: one row group buffering while the previous one is
+# written, so about 2 x ROW_GROUP_BYTES on top of the batches in flight.
+ROW_GROUP_ROWS = 1_048_576
+ROW_GROUP_BYTES = 64 * 2**20
+
+# Parsing text cells. What pyarrow's string->double cast accepts, as a regex,
+# so a batch with one bad cell parses its good cells exactly as a clean batch.
+_NUMBER = r"(?i)^[+-]?((\d+\.?\d*|\.\d+)(e[+-]?\d+)?|nan|inf|infinity)$"
+# Times: ISO (what the cast accepts) and the US format of TLC's CSV exports;
+# fractions of a second and a zone suffix are split off first (strptime has
+# neither), then added back.
+_TIME_FORMATS = (
+    "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d %H", "%Y-%m-%dT%H", "%Y-%m-%d",
+    "%m/%d/%Y %I:%M:%S %p", "%m/%d/%Y %I:%M %p", "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M",
+)
+_TIME_PARTS = (r"^(?P<base>.*?\d:\d{2}(?::\d{2})?)(?P<fraction>\.\d{1,6})?"
+               r"(?P<zone>Z|[+-]\d{2}:?\d{2})?$")
+_ZONE = r"^(?P<sign>[+-])(?P<hours>\d{2}):?(?P<minutes>\d{2})$"
+# strptime rolls 2024-02-30 over to March 1st: the written day must survive.
+_WRITTEN_DAY = r"^(?:\d{4}-\d{1,2}-(?P<iso>\d{1,2})|\d{1,2}/(?P<us>\d{1,2})/\d{4})"
+# How much of a bad cell `reject_detail` quotes.
+_DETAIL_CHARS = 40
+# A month is the file's month when it holds more than this share of the pickups.
+MONTH_MAJORITY = 0.5
 
 
 class BadInputFile(ValueError):
@@ -40,14 +75,149 @@ class BadInputFile(ValueError):
 
 @dataclass
 class TransformStats:
+    """Counts, and what the transform took the file to be (and from where).
+
+    `taxi_type_source` is `name` or `schema`; `month_source` is `name`, `data`
+    or None (no pickup time in any row: nothing to check). `month_share` is the
+    share of rows with a pickup time that fall in `month`; `month_conflict`
+    says the name's month holds less than half of them (a misnamed file).
+    """
+
     rows_in: int = 0
     rows_out: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     batches: int = 0
+    taxi_type: str = ""
+    taxi_type_source: str = ""
+    dataset_from_schema: str | None = None
+    dataset_conflict: bool = False
+    month: tuple[int, int] | None = None
+    month_source: str | None = None
+    month_from_data: tuple[int, int] | None = None
+    month_share: float = 0.0
+    month_conflict: bool = False
+    # canonical column -> cells that could not be parsed (their rows: unparseable_value)
+    unparseable: Counter[str] = field(default_factory=Counter)
+    # canonical column -> TLC "unknown" codes turned into null (RatecodeID 99)
+    codes_nulled: Counter[str] = field(default_factory=Counter)
+    row_groups_out: int = 0
 
     @property
     def rows_rejected(self) -> int:
         return sum(self.rejected.values())
+
+    @property
+    def taxi_type_inferred(self) -> bool:
+        return self.taxi_type_source == "schema"
+
+    @property
+    def month_inferred(self) -> bool:
+        return self.month_source == "data"
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What a file says about itself, whatever its name."""
+
+    dataset_from_schema: str | None
+    month_from_data: tuple[int, int] | None  # the month holding most pickups
+    month_share: float  # its share of the rows with a pickup time
+    pickups: int  # rows with a pickup time
+    rows: int
+
+
+@dataclass(frozen=True)
+class Normalised:
+    """A source batch in the canonical data columns (no lineage), and its bad cells.
+
+    `bad_cells`: canonical column -> (mask of cells that could not be parsed,
+    their raw text); only columns that have any.
+    """
+
+    batch: pa.RecordBatch
+    bad_cells: dict[str, tuple[pa.Array, pa.Array]]
+
+
+DATA_SCHEMA = pa.schema([f for f in CANONICAL_SCHEMA if f.name not in LINEAGE_COLUMNS])
+_REJECT_COLUMNS = DATA_SCHEMA.append(REJECTS_SCHEMA.field("reject_reason")).append(
+    REJECTS_SCHEMA.field("reject_detail"))
+
+
+# -- converting cells --------------------------------------------------------------------
+
+
+def _is_text(values: pa.Array) -> bool:
+    return pa.types.is_string(values.type) or pa.types.is_large_string(values.type)
+
+
+def _blank_to_null(values: pa.Array) -> pa.Array:
+    """Trimmed text, with empty cells null: an empty CSV cell is a missing value."""
+    trimmed = pc.utf8_trim_whitespace(values)
+    return pc.if_else(pc.equal(pc.utf8_length(trimmed), 0), pa.scalar(None, trimmed.type),
+                      trimmed)
+
+
+def _parse_number(text: pa.Array) -> pa.Array:
+    """float64; a cell that is not a number becomes null (vectorised either way)."""
+    try:
+        return pc.cast(text, pa.float64())
+    except pa.ArrowInvalid:
+        number = pc.fill_null(pc.match_substring_regex(text, _NUMBER), False)
+        return pc.cast(pc.if_else(number, text, pa.scalar(None, text.type)), pa.float64())
+
+
+def _ny_wall_clock(values: pa.Array) -> pa.Array:
+    """Zoned instants as New York wall-clock times (TLC's convention), zone dropped."""
+    return pc.local_timestamp(pc.cast(values, pa.timestamp(values.type.unit, TLC_TIME_ZONE)))
+
+
+def _parse_times_slowly(text: pa.Array) -> pa.Array:
+    """timestamp[us] from ISO or US-format text; null where no format fits.
+
+    Only for batches the plain cast refused: every format is tried in turn on
+    what is still unparsed, so a clean batch of one format costs one pass.
+    """
+    parts = pc.extract_regex(text, _TIME_PARTS)
+    base = pc.coalesce(pc.struct_field(parts, "base"), text)
+    parsed = pa.nulls(len(text), pa.timestamp("us"))
+    for time_format in _TIME_FORMATS:
+        todo = pc.and_(pc.is_valid(base), pc.is_null(parsed))
+        if not pc.any(todo).as_py():
+            break
+        parsed = pc.coalesce(parsed, pc.strptime(base, format=time_format, unit="us",
+                                                 error_is_null=True))
+    written = pc.extract_regex(text, _WRITTEN_DAY)
+    day = pc.cast(pc.coalesce(_nonempty(pc.struct_field(written, "iso")),
+                              _nonempty(pc.struct_field(written, "us"))), pa.int64())
+    parsed = pc.if_else(pc.fill_null(pc.equal(pc.day(parsed), day), False), parsed,
+                        pa.scalar(None, parsed.type))
+    fraction = _nonempty(pc.struct_field(parts, "fraction"))
+    micros = pc.cast(pc.utf8_rpad(pc.utf8_slice_codeunits(fraction, 1), width=6, padding="0"),
+                     pa.int64())
+    parsed = pc.add(parsed, pc.cast(pc.fill_null(micros, 0), pa.duration("us")))
+    zone = _nonempty(pc.struct_field(parts, "zone"))
+    if pc.any(pc.is_valid(zone)).as_py():
+        offset = pc.extract_regex(pc.replace_substring(zone, "Z", "+00:00"), _ZONE)
+        minutes = pc.add(pc.multiply(pc.cast(pc.struct_field(offset, "hours"), pa.int64()), 60),
+                         pc.cast(pc.struct_field(offset, "minutes"), pa.int64()))
+        signed = pc.if_else(pc.equal(pc.struct_field(offset, "sign"), "-"),
+                            pc.negate(minutes), minutes)
+        utc = pc.subtract(parsed, pc.cast(pc.multiply(signed, 60_000_000), pa.duration("us")))
+        wall = _ny_wall_clock(pc.cast(pc.cast(utc, pa.int64()), pa.timestamp("us", "UTC")))
+        parsed = pc.if_else(pc.is_valid(zone), wall, parsed)
+    return parsed
+
+
+def _nonempty(text: pa.Array) -> pa.Array:
+    """extract_regex gives "" for a group that did not take part: make it null."""
+    return pc.if_else(pc.equal(text, ""), pa.scalar(None, text.type), text)
+
+
+def _parse_times(text: pa.Array) -> pa.Array:
+    try:
+        return pc.cast(text, pa.timestamp("us"))
+    except pa.ArrowInvalid:
+        return _parse_times_slowly(text)
 
 
 def _to_int32(values: pa.Array) -> pa.Array:
@@ -65,69 +235,275 @@ def _to_int32(values: pa.Array) -> pa.Array:
 
 def _to_timestamp(values: pa.Array) -> pa.Array:
     if pa.types.is_timestamp(values.type) and values.type.tz is not None:
-        # TLC times are New York wall-clock times; keep the wall clock, drop the zone.
-        values = pc.local_timestamp(values)
+        # TLC times are New York wall-clock times: a zoned file (UTC, say) is
+        # converted to New York's wall clock, not read as its own zone's.
+        values = _ny_wall_clock(values)
     if pa.types.is_timestamp(values.type):
         # ns -> us drops sub-microsecond digits, which TLC never records
         return pc.cast(values, pa.timestamp("us"), safe=False)
     return pc.cast(values, pa.timestamp("us"))
 
 
-def _convert(values: pa.Array, target: pa.DataType) -> pa.Array:
+def _convert(values: pa.Array, target: pa.DataType) -> tuple[pa.Array, pa.Array | None]:
+    """(the values as `target`, mask of text cells that could not be parsed or None)."""
+    if _is_text(values) and (pa.types.is_int32(target) or pa.types.is_floating(target)
+                             or pa.types.is_timestamp(target)):
+        text = _blank_to_null(values)
+        parsed = _parse_times(text) if pa.types.is_timestamp(target) else _parse_number(text)
+        failed = pc.and_(pc.is_valid(text), pc.is_null(parsed))
+        converted = _to_int32(parsed) if pa.types.is_int32(target) else parsed
+        return converted, failed if pc.any(failed).as_py() else None
     if pa.types.is_int32(target):
-        return _to_int32(values)
+        return _to_int32(values), None
     if pa.types.is_timestamp(target):
-        return _to_timestamp(values)
+        return _to_timestamp(values), None
     if pa.types.is_string(target) and not pa.types.is_string(values.type):
-        return pc.cast(pc.cast(values, pa.large_string()), pa.string())
-    return pc.cast(values, target)
+        return pc.cast(pc.cast(values, pa.large_string()), pa.string()), None
+    return pc.cast(values, target), None
+
+
+def _null_codes(values: pa.Array, code: int) -> tuple[pa.Array, int]:
+    is_code = pc.fill_null(pc.equal(values, code), False)
+    count = pc.sum(is_code).as_py() or 0
+    if not count:
+        return values, 0
+    return pc.if_else(is_code, pa.scalar(None, values.type), values), count
 
 
 def normalise(
     batch: pa.RecordBatch,
     mapping: dict[str, str],
-    lineage: dict[str, pa.Scalar],
-) -> pa.RecordBatch:
-    """One source batch in the canonical schema; absent optional columns are null."""
+    codes_nulled: Counter[str] | None = None,
+) -> Normalised:
+    """One source batch in the canonical data columns; absent optional columns are null.
+
+    Lineage columns are added when writing (they are the same on every row).
+    TLC's "unknown" codes become null and are counted in `codes_nulled`.
+    """
     n = batch.num_rows
     arrays: list[pa.Array] = []
-    for field_ in CANONICAL_SCHEMA:
-        if field_.name in lineage:
-            arrays.append(pa.repeat(lineage[field_.name], n))
-        elif field_.name in mapping:
-            arrays.append(_convert(batch.column(mapping[field_.name]), field_.type))
-        else:
+    bad_cells: dict[str, tuple[pa.Array, pa.Array]] = {}
+    for field_ in DATA_SCHEMA:
+        if field_.name not in mapping:
             arrays.append(pa.nulls(n, field_.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=CANONICAL_SCHEMA)
+            continue
+        raw = batch.column(mapping[field_.name])
+        values, failed = _convert(raw, field_.type)
+        if failed is not None:
+            bad_cells[field_.name] = (failed, raw)
+        if field_.name in NULL_CODES:
+            values, count = _null_codes(values, NULL_CODES[field_.name])
+            if count and codes_nulled is not None:
+                codes_nulled[field_.name] += count
+        arrays.append(values)
+    return Normalised(pa.RecordBatch.from_arrays(arrays, schema=DATA_SCHEMA), bad_cells)
 
 
-def _split(batch: pa.RecordBatch, month: tuple[int, int] | None
+def _detail(bad_cells: dict[str, tuple[pa.Array, pa.Array]]) -> pa.Array:
+    """`column='raw text'; ...` for each row's unparseable cells, null elsewhere."""
+    pieces = []
+    for name, (failed, raw) in bad_cells.items():
+        quoted = pc.binary_join_element_wise(
+            f"{name}='", pc.utf8_slice_codeunits(pc.cast(raw, pa.string()), 0, _DETAIL_CHARS),
+            "'", "")
+        pieces.append(pc.if_else(failed, quoted, pa.scalar(None, pa.string())))
+    joined = pc.binary_join_element_wise(*pieces, "; ", null_handling="skip")
+    return pc.if_else(pc.equal(joined, ""), pa.scalar(None, pa.string()), joined)
+
+
+def _split(normalised: Normalised, month: tuple[int, int] | None
            ) -> tuple[pa.RecordBatch, pa.RecordBatch | None, pa.Array | None]:
-    """(good rows, rejected rows with their reason or None, the reasons or None)."""
-    reasons = reject_reasons(batch, month)
+    """(good rows, rejected rows with reason and detail or None, the reasons or None)."""
+    batch, bad_cells = normalised.batch, normalised.bad_cells
+    unparseable = None
+    if bad_cells:
+        masks = [failed for failed, _ in bad_cells.values()]
+        unparseable = masks[0]
+        for mask in masks[1:]:
+            unparseable = pc.or_(unparseable, mask)
+    reasons = reject_reasons(batch, month, unparseable)
     is_good = pc.is_null(reasons)
     good = batch.filter(is_good)
     if good.num_rows == batch.num_rows:
         return good, None, None
     is_bad = pc.invert(is_good)
     bad_reasons = reasons.filter(is_bad)
-    bad = batch.filter(is_bad).append_column(REJECTS_SCHEMA.field("reject_reason"), bad_reasons)
+    detail = (_detail(bad_cells).filter(is_bad) if bad_cells
+              else pa.nulls(len(bad_reasons), pa.string()))
+    bad = pa.RecordBatch.from_arrays(
+        [*batch.filter(is_bad).columns, bad_reasons, detail], schema=_REJECT_COLUMNS)
     return good, bad, bad_reasons
 
 
-def _write(good_writer: pq.ParquetWriter, good: pa.RecordBatch,
-           bad_writer: pq.ParquetWriter, bad: pa.RecordBatch | None) -> None:
-    if good.num_rows:
-        good_writer.write_batch(good)
-    if bad is not None:
-        bad_writer.write_batch(bad)
+# -- what the file says about itself --------------------------------------------------------
 
 
-def _open_parquet(source: BinaryIO | Path | str) -> pq.ParquetFile:
+class _MonthCounter:
+    """Pickups per calendar month, from a per-day count (cheap: date32 + value_counts)."""
+
+    def __init__(self) -> None:
+        self.months: Counter[tuple[int, int]] = Counter()
+
+    def add(self, pickups: pa.Array) -> None:
+        for item in pc.value_counts(pc.cast(pickups, pa.date32())).to_pylist():
+            day: date | None = item["values"]
+            if day is not None:
+                self.months[(day.year, day.month)] += item["counts"]
+
+    @property
+    def pickups(self) -> int:
+        return sum(self.months.values())
+
+    def share(self, month: tuple[int, int] | None) -> float:
+        total = self.pickups
+        return self.months[month] / total if total and month is not None else 0.0
+
+    def most_common(self) -> tuple[int, int] | None:
+        ranked = self.months.most_common(1)
+        return ranked[0][0] if ranked else None
+
+
+def _months_from_statistics(parquet: pq.ParquetFile, column: str) -> _MonthCounter | None:
+    """All pickups in one month by the row-group min/max: no data read. None if unsure."""
+    if not pa.types.is_timestamp(parquet.schema_arrow.field(column).type) or \
+            parquet.schema_arrow.field(column).type.tz is not None:
+        return None
+    index = parquet.schema_arrow.get_field_index(column)
+    counter = _MonthCounter()
+    for group in range(parquet.metadata.num_row_groups):
+        meta = parquet.metadata.row_group(group)
+        stats = meta.column(index).statistics
+        if stats is None or not stats.has_min_max or stats.null_count is None:
+            return None
+        low, high = stats.min, stats.max
+        if not isinstance(low, datetime) or (low.year, low.month) != (high.year, high.month):
+            return None
+        counter.months[(low.year, low.month)] += meta.num_rows - stats.null_count
+    return counter
+
+
+def _scan_months(parquet: pq.ParquetFile, column: str, batch_rows: int) -> _MonthCounter:
+    counter = _months_from_statistics(parquet, column)
+    if counter is not None:
+        return counter
+    counter = _MonthCounter()
+    target = CANONICAL_SCHEMA.field("pickup_datetime").type
+    try:
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=[column]):
+            counter.add(_convert(batch.column(0), target)[0])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise BadInputFile("unreadable", f"reading the pickup times failed ({exc})") from exc
+    return counter
+
+
+def _open_parquet(source: BinaryIO | Path | str | pq.ParquetFile) -> pq.ParquetFile:
+    if isinstance(source, pq.ParquetFile):
+        return source
     try:
         return pq.ParquetFile(source)
     except (pa.ArrowInvalid, OSError) as exc:
         raise BadInputFile("not_parquet", f"not a readable parquet file ({exc})") from exc
+
+
+def _resolve(parquet: pq.ParquetFile) -> dict[str, str]:
+    try:
+        return resolve_columns(parquet.schema_arrow)
+    except SchemaMismatch as exc:
+        raise BadInputFile("schema_mismatch", str(exc)) from exc
+
+
+def inspect_source(source: BinaryIO | Path | str | pq.ParquetFile, *,
+                   batch_rows: int = 131_072) -> SourceFacts:
+    """The dataset its columns say and the month most of its pickups fall in.
+
+    Reads the footer and, unless the row-group statistics settle the month,
+    the pickup column alone, batch by batch. Raises BadInputFile like the
+    transform for a file that is not parquet or lacks the trip columns.
+    """
+    parquet = _open_parquet(source)
+    mapping = _resolve(parquet)
+    counter = _scan_months(parquet, mapping["pickup_datetime"], batch_rows)
+    month = counter.most_common()
+    return SourceFacts(dataset_from_schema(parquet.schema_arrow), month, counter.share(month),
+                       counter.pickups, parquet.metadata.num_rows)
+
+
+def _choose_dataset(taxi_type: str | None, from_schema: str | None, stats: TransformStats,
+                    ) -> None:
+    stats.dataset_from_schema = from_schema
+    if taxi_type in DATASETS:
+        stats.taxi_type, stats.taxi_type_source = taxi_type, "name"
+        stats.dataset_conflict = from_schema is not None and from_schema != taxi_type
+    elif from_schema is not None:
+        stats.taxi_type, stats.taxi_type_source = from_schema, "schema"
+    else:
+        raise BadInputFile(
+            "unknown_dataset",
+            f"the name says {taxi_type!r} and the columns say neither yellow (tpep_* times) "
+            f"nor green (lpep_* times): name the file <dataset>_tripdata_YYYY-MM.parquet "
+            f"with a dataset of {'/'.join(DATASETS)}")
+
+
+def _choose_month(month: tuple[int, int] | None, parquet: pq.ParquetFile, column: str,
+                  batch_rows: int, stats: TransformStats) -> None:
+    if month is not None and 1 <= month[1] <= 12:
+        stats.month, stats.month_source = month, "name"
+        return
+    counter = _scan_months(parquet, column, batch_rows)
+    data_month = counter.most_common()
+    stats.month_from_data = data_month
+    if data_month is None:
+        return  # no row has a pickup time: every row is rejected, no month to check
+    share = counter.share(data_month)
+    if share <= MONTH_MAJORITY:
+        top = ", ".join(f"{y:04d}-{m:02d}: {n}" for (y, m), n in counter.months.most_common(3))
+        raise BadInputFile(
+            "unknown_month",
+            f"the name gives no month and no month holds most pickups ({top} of "
+            f"{counter.pickups}): name the file <dataset>_tripdata_YYYY-MM.parquet or "
+            "split it by month")
+    stats.month, stats.month_source, stats.month_share = data_month, "data", share
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+class _RowGroup:
+    """Batches waiting to be written as one row group."""
+
+    def __init__(self, max_rows: int, max_bytes: int) -> None:
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.batches: list[pa.RecordBatch] = []
+        self.rows = self.nbytes = 0
+
+    def add(self, batch: pa.RecordBatch | None) -> None:
+        if batch is not None and batch.num_rows:
+            self.batches.append(batch)
+            self.rows += batch.num_rows
+            self.nbytes += batch.nbytes
+
+    @property
+    def full(self) -> bool:
+        return self.rows >= self.max_rows or self.nbytes >= self.max_bytes
+
+    def take(self) -> list[pa.RecordBatch]:
+        batches, self.batches, self.rows, self.nbytes = self.batches, [], 0, 0
+        return batches
+
+
+def _with_lineage(batches: list[pa.RecordBatch], schema: pa.Schema,
+                  lineage: dict[str, pa.Array]) -> pa.Table:
+    """The batches with their lineage columns (zero-copy slices of one array each)."""
+    full = []
+    for batch in batches:
+        arrays = [lineage[f.name].slice(0, batch.num_rows) if f.name in lineage
+                  else batch.column(f.name) for f in schema]
+        full.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
+    return pa.Table.from_batches(full, schema=schema)
+
+
+def _write(writer: pq.ParquetWriter, table: pa.Table) -> None:
+    writer.write_table(table, row_group_size=max(table.num_rows, 1))
 
 
 def transform_parquet(
@@ -137,38 +513,48 @@ def transform_parquet(
     *,
     source_uri: str,
     source_generation: int,
-    taxi_type: str,
+    taxi_type: str | None,
     month: tuple[int, int] | None,
     batch_rows: int = 131_072,
     ingested_at: datetime | None = None,
+    row_group_rows: int = ROW_GROUP_ROWS,
+    row_group_bytes: int = ROW_GROUP_BYTES,
 ) -> TransformStats:
     """Write good rows to `processed_path` and rejected rows (with reason) to `rejects_path`.
 
-    Raises BadInputFile for a file that is not parquet, is empty, is truncated
-    or lacks required columns; nothing written is then to be published.
+    `taxi_type` and `month` are what the file's name says; a dataset other than
+    yellow/green (or None) is taken from the columns, a missing month from the
+    pickups (a first pass over that column). The stats say what was used and
+    from where. Raises BadInputFile for a file that is not parquet, is empty,
+    is truncated, lacks required columns, or whose dataset or month neither
+    its name nor its data tells; nothing written is then to be published.
     """
     parquet = _open_parquet(source)
-    try:
-        mapping = resolve_columns(parquet.schema_arrow)
-    except SchemaMismatch as exc:
-        raise BadInputFile("schema_mismatch", str(exc)) from exc
+    mapping = _resolve(parquet)
     if parquet.metadata.num_rows == 0:
         raise BadInputFile("empty", "the file has a schema but no rows")
+    stats = TransformStats()
+    _choose_dataset(taxi_type, dataset_from_schema(parquet.schema_arrow), stats)
+    _choose_month(month, parquet, mapping["pickup_datetime"], batch_rows, stats)
 
-    lineage = {
-        "taxi_type": pa.scalar(taxi_type, pa.string()),
+    lineage_values = {
+        "taxi_type": pa.scalar(stats.taxi_type, pa.string()),
         "source_uri": pa.scalar(source_uri, pa.string()),
         "source_generation": pa.scalar(source_generation, pa.int64()),
         "ingested_at": pa.scalar(ingested_at or datetime.now(UTC), pa.timestamp("us", tz="UTC")),
     }
+    # One array per lineage column, as long as a batch; each batch takes a slice.
+    lineage = {name: pa.repeat(value, batch_rows) for name, value in lineage_values.items()}
     metadata = lineage_metadata(source_uri, source_generation)
-    stats = TransformStats()
+    good_group = _RowGroup(row_group_rows, row_group_bytes)
+    bad_group = _RowGroup(row_group_rows, row_group_bytes)
+    months = _MonthCounter()
     # Encoding and compressing the output is most of the work (profiled: ~60%)
-    # and pyarrow releases the GIL for it, so one thread writes batch n while
-    # this one reads and checks batch n+1. At most one batch waits: memory stays
-    # bounded by two batches. Only reading and checking errors are bad input; a
-    # failed write (a full disk) is raised as it is, to be retried. The pool is
-    # entered last, so it has finished writing before the writers close.
+    # and pyarrow releases the GIL for it, so one thread writes row group n
+    # while this one reads and checks the rows of n+1. At most one row group
+    # waits. Only reading and checking errors are bad input; a failed write (a
+    # full disk) is raised as it is, to be retried. The pool is entered last,
+    # so it has finished writing before the writers close.
     with (
         pq.ParquetWriter(processed_path, CANONICAL_SCHEMA.with_metadata(metadata),
                          compression="snappy") as good_writer,
@@ -177,6 +563,17 @@ def transform_parquet(
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-write") as writer,
     ):
         pending: Future[None] | None = None
+
+        def flush(group: _RowGroup, out: pq.ParquetWriter, schema: pa.Schema) -> None:
+            nonlocal pending
+            if pending is not None:
+                pending.result()
+                pending = None
+            if group.rows:
+                table = _with_lineage(group.take(), schema, lineage)
+                stats.row_groups_out += out is good_writer
+                pending = writer.submit(_write, out, table)
+
         try:
             batches = parquet.iter_batches(batch_size=batch_rows,
                                            columns=list(mapping.values()))
@@ -187,18 +584,28 @@ def transform_parquet(
                 raw = next(batches, None)
                 if raw is None:
                     break
-                good, bad, bad_reasons = _split(normalise(raw, mapping, lineage), month)
+                normalised = normalise(raw, mapping, stats.codes_nulled)
+                good, bad, bad_reasons = _split(normalised, stats.month)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
                 raise BadInputFile("unreadable", f"reading row data failed ({exc})") from exc
-            stats.rows_in += good.num_rows + (bad.num_rows if bad is not None else 0)
+            if stats.month_source == "name":
+                months.add(normalised.batch.column("pickup_datetime"))
+            for name, (failed, _) in normalised.bad_cells.items():
+                stats.unparseable[name] += pc.sum(failed).as_py() or 0
+            stats.rows_in += raw.num_rows
             stats.rows_out += good.num_rows
             stats.batches += 1
             if bad_reasons is not None:
                 for item in pc.value_counts(bad_reasons).to_pylist():
                     stats.rejected[item["values"]] += item["counts"]
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(_write, good_writer, good, bad_writer, bad)
+            good_group.add(good)
+            bad_group.add(bad)
+            if good_group.full:
+                flush(good_group, good_writer, CANONICAL_SCHEMA)
+            if bad_group.full:
+                flush(bad_group, bad_writer, REJECTS_SCHEMA)
+        flush(good_group, good_writer, CANONICAL_SCHEMA)
+        flush(bad_group, bad_writer, REJECTS_SCHEMA)
         if pending is not None:
             pending.result()
     if stats.rows_in != parquet.metadata.num_rows:
@@ -206,4 +613,9 @@ def transform_parquet(
             "truncated",
             f"footer promises {parquet.metadata.num_rows} rows, read {stats.rows_in}",
         )
+    if stats.month_source == "name":
+        stats.month_from_data = months.most_common()
+        if months.pickups:
+            stats.month_share = months.share(stats.month)
+            stats.month_conflict = stats.month_share < MONTH_MAJORITY
     return stats

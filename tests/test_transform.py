@@ -83,7 +83,8 @@ def run(
 
 def both(result: Result) -> pa.Table:
     """Processed and rejected rows together, in the canonical schema."""
-    return pa.concat_tables([result.processed, result.rejects.drop_columns(["reject_reason"])])
+    return pa.concat_tables([result.processed,
+                             result.rejects.drop_columns(["reject_reason", "reject_detail"])])
 
 
 def sorted_values(column: pa.ChunkedArray | pa.Array) -> list[Any]:
@@ -104,6 +105,10 @@ def assert_common_invariants(result: Result, source_rows: int) -> None:
     assert reasons.null_count == 0
     assert Counter(reasons.to_pylist()) == stats.rejected
     assert set(stats.rejected) <= set(RULES)
+    # a detail exactly where the reason is an unparseable value
+    detailed = pc.is_valid(result.rejects.column("reject_detail"))
+    unparseable = pc.equal(reasons, quality.UNPARSEABLE_VALUE)
+    assert detailed.to_pylist() == unparseable.to_pylist()
 
 
 def assert_lineage(result: Result, *, taxi_type: str, source_uri: str, generation: int) -> None:
@@ -135,6 +140,11 @@ def test_real_green_month(tlc_data_dir: Path, tmp_path: Path) -> None:
     assert result.stats.rejected["impossible_passenger_count"] > 0
     assert result.stats.rejected["negative_total"] > 0
     assert result.stats.rejected["pickup_outside_month"] > 0
+    # and odometer errors (up to 201,421 miles) and a negative fare on a positive total
+    assert result.stats.rejected["implausible_distance"] == pc.sum(
+        pc.greater(source.column("trip_distance"), 500)).as_py() == 46
+    assert result.stats.rejected["negative_component"] == 1
+    assert result.stats.codes_nulled == Counter({"ratecode_id": 3})  # RatecodeID 99
     out = both(result)
     # nothing is lost or altered on the way: every value comes out once
     assert sorted_values(out.column("pickup_datetime")) == sorted_values(
@@ -191,8 +201,22 @@ def test_real_yellow_2025_sample(tlc_data_dir: Path, tmp_path: Path) -> None:
         pc.cast(source.column("payment_type"), pa.int32()))
     # yellow has no trip_type column
     assert out.column("trip_type").null_count == out.num_rows
-    # TLC's payment_type 0 rows have null passenger_count and are kept, not rejected
-    assert result.processed.column("passenger_count").null_count == 1_125
+    # TLC's payment_type 0 rows have null passenger_count and are kept, not
+    # rejected for it; 182 of them break a newer rule: a negative fare_amount on
+    # a positive total (181), a 73,364-mile trip (1)
+    assert result.stats.rejected == Counter({"negative_component": 181, "negative_total": 92,
+                                             "impossible_passenger_count": 24,
+                                             "implausible_distance": 1})
+    rejected_unrecorded = pc.sum(pc.and_(
+        pc.is_null(result.rejects.column("passenger_count")),
+        pc.is_in(result.rejects.column("reject_reason"),
+                 pa.array(["negative_component", "implausible_distance"])))).as_py()
+    assert rejected_unrecorded == 182
+    assert result.processed.column("passenger_count").null_count == 1_125 - 182
+    # RatecodeID 99 is TLC's "unknown": null in the output, row kept
+    assert result.stats.codes_nulled == Counter({"ratecode_id": 58})
+    assert pc.sum(pc.equal(out.column("ratecode_id"), 99)).as_py() == 0
+    assert out.column("ratecode_id").null_count == source.column("RatecodeID").null_count + 58
 
 
 def test_real_file_read_from_an_open_handle(tlc_data_dir: Path, tmp_path: Path) -> None:
@@ -231,10 +255,12 @@ def test_real_csv_snake_case_header(tlc_data_dir: Path, tmp_path: Path) -> None:
         "total_amount": "total_amount",
     }
     for canonical, original in pairs.items():
-        assert out.column(canonical).null_count == source.column(original).null_count, canonical
-        assert sorted_values(out.column(canonical)) == sorted_values(
-            pc.cast(source.column(original), CANONICAL_SCHEMA.field(canonical).type)
-        ), canonical
+        expected = pc.cast(source.column(original), CANONICAL_SCHEMA.field(canonical).type)
+        if canonical == "ratecode_id":  # TLC's 99 ("unknown") becomes null: one in the sample
+            assert pc.sum(pc.equal(expected, 99)).as_py() == 1
+            expected = pc.if_else(pc.equal(expected, 99), None, expected)
+        assert out.column(canonical).null_count == expected.null_count, canonical
+        assert sorted_values(out.column(canonical)) == sorted_values(expected), canonical
     # congestion_surcharge began in Feb 2019: empty in 6,327 rows of this sample
     assert out.column("congestion_surcharge").null_count == 6_327
 
@@ -316,7 +342,9 @@ def canonical_batch(*rows: dict[str, Any]) -> pa.RecordBatch:
 
 
 def reasons_of(*rows: dict[str, Any], month: tuple[int, int] | None = (2024, 1)) -> list[Any]:
-    return reject_reasons(canonical_batch(*rows), month).to_pylist()
+    """Row `{"_unparseable": True}` stands for a source value that could not be parsed."""
+    unparseable = pa.array([bool(row.get("_unparseable")) for row in rows])
+    return reject_reasons(canonical_batch(*rows), month, unparseable).to_pylist()
 
 
 def test_good_row_passes() -> None:
@@ -325,11 +353,15 @@ def test_good_row_passes() -> None:
 
 def test_rules_are_in_documented_order() -> None:
     assert RULES == (
+        "unparseable_value",
         "missing_timestamp",
         "pickup_outside_month",
         "dropoff_before_pickup",
+        "implausible_duration",
         "negative_distance",
+        "implausible_distance",
         "negative_total",
+        "negative_component",
         "unknown_location",
         "impossible_passenger_count",
     )
@@ -357,6 +389,14 @@ def test_rules_are_in_documented_order() -> None:
         ({"passenger_count": 0}, quality.IMPOSSIBLE_PASSENGER_COUNT),
         ({"passenger_count": 10}, quality.IMPOSSIBLE_PASSENGER_COUNT),
         ({"passenger_count": -1}, quality.IMPOSSIBLE_PASSENGER_COUNT),
+        ({"_unparseable": True}, quality.UNPARSEABLE_VALUE),
+        # the unparseable cell is null now: it is not "missing"
+        ({"_unparseable": True, "pickup_datetime": None}, quality.UNPARSEABLE_VALUE),
+        ({"dropoff_datetime": datetime(2024, 1, 16, 10, 0, 1)}, quality.IMPLAUSIBLE_DURATION),
+        ({"dropoff_datetime": datetime(2024, 3, 1)}, quality.IMPLAUSIBLE_DURATION),
+        ({"trip_distance": 500.01}, quality.IMPLAUSIBLE_DISTANCE),
+        ({"trip_distance": 120_098.0}, quality.IMPLAUSIBLE_DISTANCE),
+        *[({name: -0.5}, quality.NEGATIVE_COMPONENT) for name in quality.FARE_COMPONENTS],
     ],
 )
 def test_each_rule_rejects_with_its_reason(row: dict[str, Any], reason: str) -> None:
@@ -380,6 +420,14 @@ def test_each_rule_rejects_with_its_reason(row: dict[str, Any], reason: str) -> 
         {"passenger_count": 9},
         {"passenger_count": None},  # not recorded (payment_type 0), not impossible
         {"trip_distance": None, "total_amount": None},
+        {"dropoff_datetime": datetime(2024, 1, 16, 10, 0)},  # exactly 24 h
+        {"trip_distance": 500.0},
+        # zero distance with a fare: flat rates and time-only trips are real (kept)
+        {"trip_distance": 0.0, "fare_amount": 70.0},
+        # a negative part with a zero or negative total is a void/refund, not this rule
+        {"fare_amount": -3.0, "total_amount": 0.0},
+        {"tip_amount": -1.0, "total_amount": None},
+        {"ratecode_id": 99},  # TLC's "unknown" rate: nulled by the transform, not a rule
     ],
 )
 def test_boundary_values_are_kept(row: dict[str, Any]) -> None:
@@ -407,11 +455,15 @@ def test_without_month_the_month_rule_is_skipped() -> None:
 
 # A row that breaks RULES[i:] (and not RULES[:i]) must be rejected for RULES[i].
 _BREAKS: dict[str, dict[str, Any]] = {
+    quality.UNPARSEABLE_VALUE: {"_unparseable": True},
     quality.MISSING_TIMESTAMP: {"dropoff_datetime": None},
     quality.PICKUP_OUTSIDE_MONTH: {"pickup_datetime": datetime(2024, 3, 1, 10, 0)},
     quality.DROPOFF_BEFORE_PICKUP: {"dropoff_datetime": datetime(2024, 1, 1, 0, 0)},
+    quality.IMPLAUSIBLE_DURATION: {"dropoff_datetime": datetime(2024, 1, 17, 0, 0)},
     quality.NEGATIVE_DISTANCE: {"trip_distance": -1.0},
+    quality.IMPLAUSIBLE_DISTANCE: {"trip_distance": 900.0},
     quality.NEGATIVE_TOTAL: {"total_amount": -1.0},
+    quality.NEGATIVE_COMPONENT: {"extra": -1.0},
     quality.UNKNOWN_LOCATION: {"pickup_location_id": 0},
     quality.IMPOSSIBLE_PASSENGER_COUNT: {"passenger_count": 0},
 }
