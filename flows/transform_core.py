@@ -301,14 +301,17 @@ def normalise(
 
 def _detail(bad_cells: dict[str, tuple[pa.Array, pa.Array]]) -> pa.Array:
     """`column='raw text'; ...` for each row's unparseable cells, null elsewhere."""
-    pieces = []
+    joined: pa.Array | None = None
     for name, (failed, raw) in bad_cells.items():
         quoted = pc.binary_join_element_wise(
             f"{name}='", pc.utf8_slice_codeunits(pc.cast(raw, pa.string()), 0, _DETAIL_CHARS),
             "'", "")
-        pieces.append(pc.if_else(failed, quoted, pa.scalar(None, pa.string())))
-    joined = pc.binary_join_element_wise(*pieces, "; ", null_handling="skip")
-    return pc.if_else(pc.equal(joined, ""), pa.scalar(None, pa.string()), joined)
+        piece = pc.if_else(failed, quoted, pa.scalar(None, pa.string()))
+        # not null_handling="skip": pyarrow 26 drops the all-null rows with it
+        joined = piece if joined is None else pc.coalesce(
+            pc.binary_join_element_wise(joined, piece, "; "), joined, piece)
+    assert joined is not None, "only called for a batch with bad cells"
+    return joined
 
 
 def _split(normalised: Normalised, month: tuple[int, int] | None
@@ -469,18 +472,26 @@ def _choose_month(month: tuple[int, int] | None, parquet: pq.ParquetFile, column
 
 
 class _RowGroup:
-    """Batches waiting to be written as one row group."""
+    """Batches waiting to be written as one row group of at most `max_rows` rows."""
 
     def __init__(self, max_rows: int, max_bytes: int) -> None:
+        if max_rows < 1 or max_bytes < 1:
+            raise ValueError(f"row groups need at least 1 row and 1 byte, not {max_rows} rows "
+                             f"and {max_bytes} bytes")
         self.max_rows, self.max_bytes = max_rows, max_bytes
         self.batches: list[pa.RecordBatch] = []
         self.rows = self.nbytes = 0
 
-    def add(self, batch: pa.RecordBatch | None) -> None:
-        if batch is not None and batch.num_rows:
-            self.batches.append(batch)
-            self.rows += batch.num_rows
-            self.nbytes += batch.nbytes
+    def add(self, batch: pa.RecordBatch | None) -> pa.RecordBatch | None:
+        """Take what fits; the rest of the batch (for the next group) is returned."""
+        if batch is None or not batch.num_rows:
+            return None
+        room = self.max_rows - self.rows
+        batch, rest = batch.slice(0, room), batch.slice(room) if batch.num_rows > room else None
+        self.batches.append(batch)
+        self.rows += batch.num_rows
+        self.nbytes += batch.nbytes
+        return rest
 
     @property
     def full(self) -> bool:
@@ -598,12 +609,12 @@ def transform_parquet(
             if bad_reasons is not None:
                 for item in pc.value_counts(bad_reasons).to_pylist():
                     stats.rejected[item["values"]] += item["counts"]
-            good_group.add(good)
-            bad_group.add(bad)
-            if good_group.full:
-                flush(good_group, good_writer, CANONICAL_SCHEMA)
-            if bad_group.full:
-                flush(bad_group, bad_writer, REJECTS_SCHEMA)
+            for group, rows, out, schema in ((good_group, good, good_writer, CANONICAL_SCHEMA),
+                                             (bad_group, bad, bad_writer, REJECTS_SCHEMA)):
+                rest = group.add(rows)
+                while group.full:
+                    flush(group, out, schema)
+                    rest = group.add(rest)
         flush(good_group, good_writer, CANONICAL_SCHEMA)
         flush(bad_group, bad_writer, REJECTS_SCHEMA)
         if pending is not None:
