@@ -151,8 +151,10 @@ def reject_reasons(
                          pc.greater(passengers, MAX_PASSENGERS))),
         ),
     ]
-    reasons = pa.nulls(batch.num_rows, pa.string())
-    # Apply in reverse so the first rule in RULES order wins.
-    for name, mask in reversed(checks):
-        reasons = pc.if_else(mask, pa.scalar(name, pa.string()), reasons)
-    return reasons
+    # The index of each row's first broken check (applied in reverse, so the
+    # first in RULES order wins), then its name: int8 selects are half the cost
+    # of string ones, and the names are built once.
+    codes = pa.nulls(batch.num_rows, pa.int8())
+    for index, (_, mask) in reversed(list(enumerate(checks))):
+        codes = pc.if_else(mask, pa.scalar(index, pa.int8()), codes)
+    return pc.take(pa.array([name for name, _ in checks], pa.string()), codes)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flows.quality import reject_reasons
+from flows.quality import month_bounds, reject_reasons
 from flows.tlc_schema import (
     CANONICAL_SCHEMA,
     DATASETS,
@@ -34,11 +34,13 @@ from taxi_pipeline.lineage import lineage_metadata
 
 _INT32_LIMIT = 2**31 - 1
 
-# Output row groups: pyarrow's and TLC's own 1Mi rows (~30 MiB of snappy
-# parquet), fewer when the buffered rows reach ROW_GROUP_BYTES of Arrow memory
-# first. DuckDB and BigQuery read a few large row groups far better than many
-# 131k-row ones. The bound: one row group buffering while the previous one is
-# written, so about 2 x ROW_GROUP_BYTES on top of the batches in flight.
+# Output row groups: at most pyarrow's (and TLC's) 1Mi rows, fewer when the
+# buffered rows reach ROW_GROUP_BYTES of Arrow memory first. A canonical row is
+# ~140 bytes in Arrow (lineage is added at write time) and ~26 in snappy
+# parquet, so a group is ~480k rows, ~12 MiB on disk: DuckDB and BigQuery read
+# that far better than the 131k-row groups of one batch each. The memory bound:
+# one group fills while the previous one is written, so about
+# 2 x ROW_GROUP_BYTES on top of the reader and the batch in flight.
 ROW_GROUP_ROWS = 1_048_576
 ROW_GROUP_BYTES = 64 * 2**20
 
@@ -301,16 +303,16 @@ def normalise(
 
 def _detail(bad_cells: dict[str, tuple[pa.Array, pa.Array]]) -> pa.Array:
     """`column='raw text'; ...` for each row's unparseable cells, null elsewhere."""
-    joined: pa.Array | None = None
+    pieces = []
     for name, (failed, raw) in bad_cells.items():
         quoted = pc.binary_join_element_wise(
             f"{name}='", pc.utf8_slice_codeunits(pc.cast(raw, pa.string()), 0, _DETAIL_CHARS),
             "'", "")
-        piece = pc.if_else(failed, quoted, pa.scalar(None, pa.string()))
+        pieces.append(pc.if_else(failed, quoted, pa.scalar(None, pa.string())))
+    joined = pieces[0]
+    for piece in pieces[1:]:
         # not null_handling="skip": pyarrow 26 drops the all-null rows with it
-        joined = piece if joined is None else pc.coalesce(
-            pc.binary_join_element_wise(joined, piece, "; "), joined, piece)
-    assert joined is not None, "only called for a batch with bad cells"
+        joined = pc.coalesce(pc.binary_join_element_wise(joined, piece, "; "), joined, piece)
     return joined
 
 
@@ -347,7 +349,14 @@ class _MonthCounter:
     def __init__(self) -> None:
         self.months: Counter[tuple[int, int]] = Counter()
 
-    def add(self, pickups: pa.Array) -> None:
+    def add(self, pickups: pa.Array, expected: tuple[int, int] | None = None) -> None:
+        """Count `pickups`; those in the `expected` month by a cheap range check."""
+        if expected is not None:
+            start, end = month_bounds(*expected)
+            inside = pc.and_(pc.greater_equal(pickups, pa.scalar(start, pickups.type)),
+                             pc.less(pickups, pa.scalar(end, pickups.type)))
+            self.months[expected] += pc.sum(inside).as_py() or 0
+            pickups = pickups.filter(pc.invert(inside))  # a null pickup is dropped
         for item in pc.value_counts(pc.cast(pickups, pa.date32())).to_pylist():
             day: date | None = item["values"]
             if day is not None:
@@ -576,14 +585,15 @@ def transform_parquet(
         pending: Future[None] | None = None
 
         def flush(group: _RowGroup, out: pq.ParquetWriter, schema: pa.Schema) -> None:
+            """Hand the group to the writer thread once it has written the previous one."""
             nonlocal pending
             if pending is not None:
                 pending.result()
                 pending = None
             if group.rows:
-                table = _with_lineage(group.take(), schema, lineage)
-                stats.row_groups_out += out is good_writer
-                pending = writer.submit(_write, out, table)
+                if out is good_writer:
+                    stats.row_groups_out += 1
+                pending = writer.submit(_write, out, _with_lineage(group.take(), schema, lineage))
 
         try:
             batches = parquet.iter_batches(batch_size=batch_rows,
@@ -600,7 +610,7 @@ def transform_parquet(
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
                 raise BadInputFile("unreadable", f"reading row data failed ({exc})") from exc
             if stats.month_source == "name":
-                months.add(normalised.batch.column("pickup_datetime"))
+                months.add(normalised.batch.column("pickup_datetime"), stats.month)
             for name, (failed, _) in normalised.bad_cells.items():
                 stats.unparseable[name] += pc.sum(failed).as_py() or 0
             stats.rows_in += raw.num_rows
