@@ -47,7 +47,8 @@ ROW_GROUP_BYTES = 64 * 2**20
 # Encoding (measured on a 514k-row group): dictionary pages for the nearly
 # unique timestamps only fill up and fall back to plain, and min/max of the
 # per-file constant strings and the Y/N flag help no query; skipping both
-# writes ~25 % faster and no bigger. Every other column keeps both.
+# writes a group in 0.13 s instead of 0.175 s, and 4 % smaller. Every other
+# column keeps both.
 _PLAIN = ("pickup_datetime", "dropoff_datetime")
 _NO_STATISTICS = ("taxi_type", "store_and_fwd_flag", "source_uri")
 _WRITE_OPTIONS: dict[str, Any] = {
@@ -59,9 +60,9 @@ _WRITE_OPTIONS: dict[str, Any] = {
 # Parsing text cells. What pyarrow's string->double cast accepts, as a regex,
 # so a batch with one bad cell parses its good cells exactly as a clean batch.
 _NUMBER = r"(?i)^[+-]?((\d+\.?\d*|\.\d+)(e[+-]?\d+)?|nan|inf|infinity)$"
-# Times: ISO (what the cast accepts) and the US format of TLC's CSV exports;
-# fractions of a second and a zone suffix are split off first (strptime has
-# neither), then added back.
+# Times: ISO (what the cast accepts) and the US format of NYC Open Data's CSV
+# exports (01/15/2024 08:30:00 AM); fractions of a second and a zone suffix are
+# split off first (strptime has neither), then added back.
 _TIME_FORMATS = (
     "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M",
     "%Y-%m-%d %H", "%Y-%m-%dT%H", "%Y-%m-%d",
@@ -389,9 +390,9 @@ class _MonthCounter:
 
 def _months_from_statistics(parquet: pq.ParquetFile, column: str) -> _MonthCounter | None:
     """All pickups in one month by the row-group min/max: no data read. None if unsure."""
-    if not pa.types.is_timestamp(parquet.schema_arrow.field(column).type) or \
-            parquet.schema_arrow.field(column).type.tz is not None:
-        return None
+    kind = parquet.schema_arrow.field(column).type
+    if not pa.types.is_timestamp(kind) or kind.tz is not None:
+        return None  # zoned statistics are UTC instants, not New York months
     index = parquet.schema_arrow.get_field_index(column)
     counter = _MonthCounter()
     for group in range(parquet.metadata.num_row_groups):
@@ -452,8 +453,8 @@ def inspect_source(source: BinaryIO | Path | str | pq.ParquetFile, *,
                        counter.pickups, parquet.metadata.num_rows)
 
 
-def _choose_dataset(taxi_type: str | None, from_schema: str | None, stats: TransformStats,
-                    ) -> None:
+def _choose_dataset(taxi_type: str | None, from_schema: str | None,
+                    stats: TransformStats) -> None:
     stats.dataset_from_schema = from_schema
     if taxi_type in DATASETS:
         stats.taxi_type, stats.taxi_type_source = taxi_type, "name"
