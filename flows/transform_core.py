@@ -70,6 +70,7 @@ _TIME_FORMATS = (
 )
 _TIME_PARTS = (r"^(?P<base>.*?\d:\d{2}(?::\d{2})?)(?P<fraction>\.\d{1,6})?"
                r"(?P<zone>Z|[+-]\d{2}:?\d{2})?$")
+_HAS_PARTS = r"\d\.\d|\d(?:Z|[+-]\d{2}:?\d{2})$"
 _ZONE = r"^(?P<sign>[+-])(?P<hours>\d{2}):?(?P<minutes>\d{2})$"
 # strptime rolls 2024-02-30 over to March 1st: the written day must survive.
 _WRITTEN_DAY = r"^(?:\d{4}-\d{1,2}-(?P<iso>\d{1,2})|\d{1,2}/(?P<us>\d{1,2})/\d{4})"
@@ -192,13 +193,22 @@ def _parse_times_slowly(text: pa.Array) -> pa.Array:
     Only for batches the plain cast refused: every format is tried in turn on
     what is still unparsed, so a clean batch of one format costs one pass.
     """
-    parts = pc.extract_regex(text, _TIME_PARTS)
-    base = pc.coalesce(pc.struct_field(parts, "base"), text)
+    fraction = zone = None
+    base = text
+    if pc.any(pc.match_substring_regex(text, _HAS_PARTS)).as_py():  # the split is 5x dearer
+        parts = pc.extract_regex(text, _TIME_PARTS)
+        base = pc.coalesce(pc.struct_field(parts, "base"), text)
+        fraction = _nonempty(pc.struct_field(parts, "fraction"))
+        zone = _nonempty(pc.struct_field(parts, "zone"))
+    us_style = pc.match_substring(base, "/")
     parsed = pa.nulls(len(text), pa.timestamp("us"))
     for time_format in _TIME_FORMATS:
         todo = pc.and_(pc.is_valid(base), pc.is_null(parsed))
         if not pc.any(todo).as_py():
             break
+        style = us_style if "/" in time_format else pc.invert(us_style)
+        if not pc.any(pc.and_(todo, style)).as_py():
+            continue  # no cell left of this format's style: skip a full pass
         parsed = pc.coalesce(parsed, pc.strptime(base, format=time_format, unit="us",
                                                  error_is_null=True))
     written = pc.extract_regex(text, _WRITTEN_DAY)
@@ -206,12 +216,11 @@ def _parse_times_slowly(text: pa.Array) -> pa.Array:
                               _nonempty(pc.struct_field(written, "us"))), pa.int64())
     parsed = pc.if_else(pc.fill_null(pc.equal(pc.day(parsed), day), False), parsed,
                         pa.scalar(None, parsed.type))
-    fraction = _nonempty(pc.struct_field(parts, "fraction"))
-    micros = pc.cast(pc.utf8_rpad(pc.utf8_slice_codeunits(fraction, 1), width=6, padding="0"),
-                     pa.int64())
-    parsed = pc.add(parsed, pc.cast(pc.fill_null(micros, 0), pa.duration("us")))
-    zone = _nonempty(pc.struct_field(parts, "zone"))
-    if pc.any(pc.is_valid(zone)).as_py():
+    if fraction is not None:
+        micros = pc.cast(pc.utf8_rpad(pc.utf8_slice_codeunits(fraction, 1), width=6,
+                                      padding="0"), pa.int64())
+        parsed = pc.add(parsed, pc.cast(pc.fill_null(micros, 0), pa.duration("us")))
+    if zone is not None and pc.any(pc.is_valid(zone)).as_py():
         offset = pc.extract_regex(pc.replace_substring(zone, "Z", "+00:00"), _ZONE)
         minutes = pc.add(pc.multiply(pc.cast(pc.struct_field(offset, "hours"), pa.int64()), 60),
                          pc.cast(pc.struct_field(offset, "minutes"), pa.int64()))
