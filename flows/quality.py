@@ -29,8 +29,8 @@ MAX_LOCATION_ID = 265
 # dropped those too).
 MIN_PASSENGERS = 1
 MAX_PASSENGERS = 9
-# TLC drivers may drive at most 12 h in 24: a trip of over a day is a meter
-# left running or a clock error.
+# No single fare lasts a day (a driver's shift is 12 h): a trip of over 24 h is
+# a meter left running or a clock error.
 MAX_DURATION = timedelta(hours=24)
 # NYC to Boston is ~215 miles, to Washington ~230: a cab trip past 500 miles is
 # an odometer error (120,098 and 201,421 miles are in real files).
