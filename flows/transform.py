@@ -190,6 +190,29 @@ def announce_kept(processed: ObjectRef, settings: Settings) -> Event | None:
                       occurred=event.occurred)
 
 
+def _month_text(month: tuple[int, int] | None) -> str | None:
+    return f"{month[0]:04d}-{month[1]:02d}" if month else None
+
+
+def what_was_used(stats: TransformStats) -> dict[str, Any]:
+    """Dataset and month the rows were checked against, where each came from, and oddities.
+
+    A name that does not follow the TLC pattern (or says month 13) leaves both
+    to the file's columns and pickups; a name the data contradicts is flagged.
+    """
+    return {
+        "taxi_type": stats.taxi_type, "taxi_type_source": stats.taxi_type_source,
+        "dataset_from_schema": stats.dataset_from_schema,
+        "dataset_conflict": stats.dataset_conflict,
+        "month": _month_text(stats.month), "month_source": stats.month_source,
+        "month_from_data": _month_text(stats.month_from_data),
+        "month_share": round(stats.month_share, 4), "month_conflict": stats.month_conflict,
+        "unparseable_cells": dict(stats.unparseable),
+        "codes_nulled": dict(stats.codes_nulled),
+        "row_groups_out": stats.row_groups_out,
+    }
+
+
 def _summary(obj: ObjectRef, stats: TransformStats) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [
         {"measure": "rows in", "rows": stats.rows_in},
@@ -198,6 +221,18 @@ def _summary(obj: ObjectRef, stats: TransformStats) -> list[dict[str, Any]]:
     ]
     rows += [{"measure": f"rejected: {reason}", "rows": count}
              for reason, count in stats.rejected.most_common()]
+    rows += [{"measure": f"unparseable cells: {column}", "rows": count}
+             for column, count in stats.unparseable.most_common()]
+    rows += [{"measure": f"'unknown' code set to null: {column}", "rows": count}
+             for column, count in stats.codes_nulled.most_common()]
+    rows.append({"measure": f"dataset {stats.taxi_type} (from the {stats.taxi_type_source})"
+                 + (", the columns say otherwise" if stats.dataset_conflict else ""),
+                 "rows": stats.rows_in})
+    month = _month_text(stats.month) or "none"
+    rows.append({"measure": f"month {month} (from the {stats.month_source or 'nothing'})"
+                 + (f", but most pickups are in {_month_text(stats.month_from_data)}"
+                    if stats.month_conflict else ""),
+                 "rows": round(stats.month_share * stats.rows_in)})
     return rows
 
 
@@ -279,8 +314,18 @@ def transform(object_uri: str, generation: int | None = None,
     counts = {"rows_in": stats.rows_in, "rows_out": stats.rows_out,
               "rows_rejected": stats.rows_rejected,
               "rejected_by_reason": dict(stats.rejected), "rejects_uri": rejects.uri}
+    used = what_was_used(stats)
     emit(events.TRANSFORM_COMPLETED, obj, settings, related=outputs,
-         payload={**counts, "processed_uri": processed.uri, "output": output})
+         payload={**counts, **used, "processed_uri": processed.uri, "output": output})
+    if stats.taxi_type_inferred or stats.month_inferred:
+        logger.warning("uri=%s: the name does not say it all; used dataset %s (from the %s) "
+                       "and month %s (from the %s)", obj.uri, stats.taxi_type,
+                       stats.taxi_type_source, used["month"], stats.month_source)
+    if stats.month_conflict or stats.dataset_conflict:
+        logger.warning("uri=%s: the name disagrees with the data: month %s holds %.0f%% of "
+                       "pickups (most are in %s), columns say %s; check the file's name",
+                       obj.uri, used["month"], 100 * stats.month_share, used["month_from_data"],
+                       stats.dataset_from_schema)
     if stats.rows_in > 0 and stats.rows_out == 0:
         # Triggers match labels, not payload values: the "every row rejected" alert
         # needs an event of its own.

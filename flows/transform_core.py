@@ -37,12 +37,14 @@ _INT32_LIMIT = 2**31 - 1
 # Output row groups: at most pyarrow's (and TLC's) 1Mi rows, fewer when the
 # buffered rows reach ROW_GROUP_BYTES of Arrow memory first. A canonical row is
 # ~140 bytes in Arrow (lineage is added at write time) and ~26 in snappy
-# parquet, so a group is ~480k rows, ~12 MiB on disk: DuckDB and BigQuery read
-# that far better than the 131k-row groups of one batch each. The memory bound:
-# one group fills while the previous one is written, so about
-# 2 x ROW_GROUP_BYTES on top of the reader and the batch in flight.
+# parquet, so a group is ~240k rows, ~6 MiB on disk, and a small file's
+# rejects are one group instead of one per batch. The memory bound: one group
+# fills while the previous one is written, so about 2 x ROW_GROUP_BYTES on top
+# of the reader and the batch in flight. Measured peak for a 3M-row month
+# (2026-11-30): 16 MiB 400 MiB, 32 MiB 439 MiB, 64 MiB 535 MiB; the pandas path
+# peaks at ~1,500 MiB and the target is <= 0.3x of it, so 32 MiB.
 ROW_GROUP_ROWS = 1_048_576
-ROW_GROUP_BYTES = 64 * 2**20
+ROW_GROUP_BYTES = 32 * 2**20
 
 # Encoding (measured on a 514k-row group): dictionary pages for the nearly
 # unique timestamps only fill up and fall back to plain, and min/max of the

@@ -223,3 +223,38 @@ def test_a_bad_new_version_keeps_the_last_good_rows_and_says_so(
     assert emitted[-1][1]["warehouse_keeps"] == kept
     assert warehouse.rows_for(settings.table, good.uri) == loaded.rows
     assert not os.path.exists(store.root / good.name)
+
+
+# -- what the name did not say is inferred, and the event says so ---------------------------
+
+
+def test_a_file_named_outside_the_tlc_pattern_records_what_was_inferred(
+        flow_stubs: Callable[[Settings, LocalStore], Emitted]) -> None:
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    obj = _drop(store, settings.raw_prefix + "foo.parquet", rows=700, seed=9)
+    emitted = flow_stubs(settings, store)
+    result = transform_flow.transform.fn(obj.uri, obj.generation)
+    assert result["status"] == "completed"
+    payload = dict(emitted)[events.TRANSFORM_COMPLETED]
+    assert (payload["taxi_type"], payload["taxi_type_source"]) == ("yellow", "schema")
+    assert (payload["month"], payload["month_source"]) == ("2024-01", "data")
+    assert payload["month_conflict"] is False
+    table = pq.read_table(store.root / settings.processed_prefix / "foo.parquet",
+                          columns=["taxi_type"])
+    assert set(table.column("taxi_type").to_pylist()) == {"yellow"}
+
+
+def test_a_name_the_data_contradicts_is_flagged(
+        flow_stubs: Callable[[Settings, LocalStore], Emitted]) -> None:
+    """January's trips under February's name: the month rule uses the name, the event warns."""
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    obj = _drop(store, raw_object_name(settings.raw_prefix, "yellow", 2024, 2), 700, seed=10)
+    emitted = flow_stubs(settings, store)
+    transform_flow.transform.fn(obj.uri, obj.generation)
+    payload = dict(emitted)[events.TRANSFORM_COMPLETED]
+    assert (payload["month"], payload["month_source"]) == ("2024-02", "name")
+    assert payload["month_conflict"] is True
+    assert payload["month_from_data"] == "2024-01"
+    assert payload["rejected_by_reason"]["pickup_outside_month"] > 600
