@@ -371,6 +371,43 @@ def cmd_gcp_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dead_letter_queue() -> Any:
+    settings = get_settings()
+    if settings.profile == "local":
+        raise SystemExit("`taxi-pipeline dead-letters` reads Pub/Sub: it needs TAXI_PROFILE=gcp "
+                         "(or emulator) and TAXI_GCP_PROJECT")
+    settings.validate_for_profile(optional=("bucket",))
+    from taxi_pipeline.dead_letters import DeadLetterQueue
+
+    return DeadLetterQueue(settings)
+
+
+def cmd_dead_letters_list(args: argparse.Namespace) -> int:
+    """Show what Pub/Sub gave up delivering to the bridge; nothing is removed."""
+    queue = _dead_letter_queue()
+    letters = queue.list(args.limit)
+    for letter in letters:
+        print(letter.describe())
+    print(f"{len(letters)} dead letter(s) in {queue.path}")
+    return 0
+
+
+def cmd_dead_letters_replay(args: argparse.Namespace) -> int:
+    """Republish dead letters to the bridge's topic; each is acked once its copy is out."""
+    queue = _dead_letter_queue()
+    report = queue.replay(args.limit, dry_run=args.dry_run)
+    verb = "would replay" if args.dry_run else "replayed"
+    for letter in report.replayed:
+        print(f"{verb} {letter.describe()}")
+    for letter, why in report.failed:
+        print(f"FAILED {letter.describe()}: {why} (it stays in {queue.path}; run replay "
+              "again)", file=sys.stderr)
+    print(f"{verb} {len(report.replayed)} dead letter(s) to {queue.topic}"
+          + (" (dry run: nothing changed)" if args.dry_run else "")
+          + (f"; {len(report.failed)} failed" if report.failed else ""))
+    return 1 if report.failed else 0
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Keeps the examples' line breaks; shows a default wherever there is one to show."""
 
@@ -533,6 +570,33 @@ def build_parser() -> argparse.ArgumentParser:
         "named by the TAXI_* settings; what exists is left as it is.",
         ["TAXI_PROFILE=emulator taxi-pipeline gcp setup   # against the running emulators"])
     gcp_setup.set_defaults(func=cmd_gcp_setup)
+    dead = _command(
+        sub, "dead-letters", "list or replay notifications Pub/Sub dead-lettered",
+        "Read the dead-letter subscription (TAXI_PUBSUB_DEAD_LETTER_TOPIC + '-sub', made by "
+        "`gcp setup`): the notifications Pub/Sub stopped delivering to the bridge.",
+        ["taxi-pipeline dead-letters list", "taxi-pipeline dead-letters replay --dry-run"])
+    dead_sub = dead.add_subparsers(dest="dead_letters_command", required=True)
+    dead_list = _command(
+        dead_sub, "list", "show dead letters (object, generation, attempts); removes nothing",
+        "Show each dead-lettered message: object, generation, first publish time, delivery "
+        "attempts and message id. They stay in the subscription.",
+        ["taxi-pipeline dead-letters list", "taxi-pipeline dead-letters list --limit 20"])
+    dead_list.add_argument("--limit", type=int, metavar="N",
+                           help="show at most N (default: all)")
+    dead_list.set_defaults(func=cmd_dead_letters_list)
+    dead_replay = _command(
+        dead_sub, "replay", "republish dead letters to the bridge's topic, then ack them",
+        "Republish each dead letter (same data and notification attributes) to "
+        "TAXI_PUBSUB_TOPIC and ack it on the dead-letter subscription once the publish is "
+        "confirmed; exit 1 if any publish failed (those stay). Safe to repeat: the bridge's "
+        "event id is per object generation and the load is idempotent per generation.",
+        ["taxi-pipeline dead-letters replay --dry-run",
+         "taxi-pipeline dead-letters replay --limit 100"])
+    dead_replay.add_argument("--dry-run", action="store_true",
+                             help="list what would be replayed; change nothing")
+    dead_replay.add_argument("--limit", type=int, metavar="N",
+                             help="replay at most N (default: all)")
+    dead_replay.set_defaults(func=cmd_dead_letters_replay)
     return parser
 
 

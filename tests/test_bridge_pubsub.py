@@ -24,6 +24,8 @@ import httpx
 import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import pubsub_v1, storage
+from google.protobuf.duration_pb2 import Duration
+from google.pubsub_v1.types import DeadLetterPolicy, RetryPolicy, Subscription
 from prefect.client.orchestration import get_client
 from prefect.events.filters import (
     EventFilter,
@@ -131,6 +133,13 @@ class Bridge:
             if line.startswith(wanted + " "):
                 return float(line.split()[-1])
         return 0.0
+
+    def gauge(self, name: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(f"bridge_{name} "):
+                return float(line.split()[-1])
+        raise AssertionError(f"no gauge bridge_{name} in /metrics")
 
     def healthz(self) -> int:
         return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=5).status_code
@@ -316,3 +325,87 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(bridge_factory: Any) 
     assert "stopped (" in bridge.log.read_text()
     bridge_factory()
     wait_all_stored("raw/sigterm/", objects, timeout=120)
+
+
+# The fewest delivery attempts Pub/Sub allows before dead-lettering.
+DEAD_LETTER_ATTEMPTS = 5
+# Failed emits (backoff 1, 2, 4 ... 30 s: ~2 minutes) the outage lasts. The bridge that
+# nacked at every failed emit, on the same backoff, dead-lettered all 10 objects of this
+# test in a 2-minute outage (and none in 45 s: the emulator redelivers nacks slowly).
+OUTAGE_EMIT_FAILURES = 9
+
+
+@pytest.fixture
+def dead_letter_subscription(gcp: GcpStack, request: pytest.FixtureRequest
+                             ) -> Iterator[tuple[str, str]]:
+    """(bridge subscription, dead-letter subscription) of this test: redelivery after 1-2 s,
+    dead-lettered after DEAD_LETTER_ATTEMPTS (the emulator forwards dead letters)."""
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    name = request.node.name.removeprefix("test_")[:40]
+    dead_topic = publisher.topic_path(PROJECT, f"{TOPIC}-dead-{name}")
+    dead = subscriber.subscription_path(PROJECT, f"{TOPIC}-dead-{name}-sub")
+    bridge = subscriber.subscription_path(PROJECT, f"{SUBSCRIPTION}-{name}")
+    publisher.create_topic(name=dead_topic)
+    subscriber.create_subscription(name=dead, topic=dead_topic)
+    subscriber.create_subscription(request=Subscription(
+        name=bridge, topic=publisher.topic_path(PROJECT, TOPIC), ack_deadline_seconds=10,
+        retry_policy=RetryPolicy(minimum_backoff=Duration(seconds=1),
+                                 maximum_backoff=Duration(seconds=2)),
+        dead_letter_policy=DeadLetterPolicy(dead_letter_topic=dead_topic,
+                                            max_delivery_attempts=DEAD_LETTER_ATTEMPTS)))
+    try:
+        yield bridge.rsplit("/", 1)[-1], dead
+    finally:
+        subscriber.delete_subscription(subscription=bridge)
+        subscriber.delete_subscription(subscription=dead)
+        publisher.delete_topic(topic=dead_topic)
+
+
+def dead_letters(subscription: str, timeout: float = 60) -> list[bytes]:
+    """Everything in the dead-letter subscription (acked), read until a sentinel published
+    now comes through: a positive signal that all earlier dead letters were seen."""
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topic = subscriber.get_subscription(subscription=subscription).topic
+    sentinel = f"sentinel {time.time_ns()}".encode()
+    publisher.publish(topic, sentinel).result(timeout=30)
+    found: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pulled = subscriber.pull(subscription=subscription, max_messages=100, timeout=10)
+        if pulled.received_messages:
+            subscriber.acknowledge(subscription=subscription,
+                                   ack_ids=[m.ack_id for m in pulled.received_messages])
+        found += [m.message.data for m in pulled.received_messages]
+        if sentinel in found:
+            return [data for data in found if data != sentinel]
+    raise AssertionError(f"the sentinel never came through {subscription}")
+
+
+def test_a_prefect_outage_longer_than_the_retry_policy_dead_letters_nothing(
+        gcp: GcpStack, tmp_path: Path, dead_letter_subscription: tuple[str, str]) -> None:
+    """Held, not nacked: an outage long enough to spend DEAD_LETTER_ATTEMPTS deliveries
+    when every failed emit nacked leaves the messages' delivery attempts untouched."""
+    subscription, dead = dead_letter_subscription
+    bridge = Bridge(gcp, tmp_path / "bridge.log", subscription)
+    try:
+        warm = upload("raw/dead-letter-warm/", 1)
+        wait_all_stored("raw/dead-letter-warm/", warm)
+        wait_metric(bridge, "acked", 1)
+
+        gcp.server.stop()
+        try:
+            objects = upload("raw/dead-letter-outage/", 10)
+            # Each failed emit would have been a nack of every message.
+            wait_metric(bridge, "emit_failures", OUTAGE_EMIT_FAILURES, timeout=240)
+            assert bridge.gauge("held") == len(objects)
+            assert bridge.metric("nacked") == 0
+            assert bridge.metric("received") == 1 + len(objects)  # no redelivery either
+        finally:
+            gcp.server.start()
+        wait_all_stored("raw/dead-letter-outage/", objects, timeout=180)
+        wait_metric(bridge, "acked", 1 + len(objects), timeout=60)
+        assert bridge.metric("nacked") == 0
+        assert dead_letters(dead) == []
+        assert bridge.process.poll() is None
+    finally:
+        assert bridge.stop() == 0
