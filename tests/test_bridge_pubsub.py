@@ -36,6 +36,7 @@ from prefect.events.filters import (
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from support.emulators import emulators_available, fake_gcs_server, free_port, pubsub_emulator
 from support.prefect_server import PrefectServer, postgres_available, postgres_database
+from support.pubsub import drain
 
 from taxi_pipeline import events
 
@@ -363,26 +364,6 @@ def dead_letter_subscription(gcp: GcpStack, request: pytest.FixtureRequest
         publisher.delete_topic(topic=dead_topic)
 
 
-def dead_letters(subscription: str, timeout: float = 60) -> list[bytes]:
-    """Everything in the dead-letter subscription (acked), read until a sentinel published
-    now comes through: a positive signal that all earlier dead letters were seen."""
-    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    topic = subscriber.get_subscription(subscription=subscription).topic
-    sentinel = f"sentinel {time.time_ns()}".encode()
-    publisher.publish(topic, sentinel).result(timeout=30)
-    found: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pulled = subscriber.pull(subscription=subscription, max_messages=100, timeout=10)
-        if pulled.received_messages:
-            subscriber.acknowledge(subscription=subscription,
-                                   ack_ids=[m.ack_id for m in pulled.received_messages])
-        found += [m.message.data for m in pulled.received_messages]
-        if sentinel in found:
-            return [data for data in found if data != sentinel]
-    raise AssertionError(f"the sentinel never came through {subscription}")
-
-
 def test_a_prefect_outage_longer_than_the_retry_policy_dead_letters_nothing(
         gcp: GcpStack, tmp_path: Path, dead_letter_subscription: tuple[str, str]) -> None:
     """Held, not nacked: while Prefect is away no message is nacked or redelivered (a
@@ -408,7 +389,7 @@ def test_a_prefect_outage_longer_than_the_retry_policy_dead_letters_nothing(
         wait_all_stored("raw/dead-letter-outage/", objects, timeout=180)
         wait_metric(bridge, "acked", 1 + len(objects), timeout=60)
         assert bridge.metric("nacked") == 0
-        assert dead_letters(dead) == []
+        assert drain(dead) == []
         assert bridge.process.poll() is None
     finally:
         assert bridge.stop() == 0

@@ -9,16 +9,15 @@ dead-letter policy).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future
-from typing import Any
 
 import pytest
 from google.cloud import pubsub_v1
 from google.protobuf.duration_pb2 import Duration
 from google.pubsub_v1.types import DeadLetterPolicy, RetryPolicy, Subscription
 from support.emulators import emulators_available, pubsub_emulator
+from support.pubsub import drain
 
 from taxi_pipeline import cli, dead_letters
 from taxi_pipeline.dead_letters import DeadLetterQueue
@@ -96,25 +95,6 @@ DEAD_LETTERED = {"CloudPubSubDeadLetterSourceDeliveryCount": str(DEAD_LETTER_ATT
                  "CloudPubSubDeadLetterSourceSubscription": BRIDGE,
                  "CloudPubSubDeadLetterSourceSubscriptionProject": PROJECT,
                  "CloudPubSubDeadLetterSourceTopicPublishTime": "2026-01-02T03:04:05.678Z"}
-
-
-def drain(subscription: str, topic: str, timeout: float = 60) -> list[Any]:
-    """Every message of `subscription` (acked), read until a sentinel published to `topic`
-    now comes through: the positive signal that nothing else is on its way."""
-    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    sentinel = f"sentinel {time.time_ns()}".encode()
-    publisher.publish(topic, sentinel).result(timeout=30)
-    found: list[Any] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pulled = subscriber.pull(subscription=subscription, max_messages=100, timeout=10)
-        if pulled.received_messages:
-            subscriber.acknowledge(subscription=subscription,
-                                   ack_ids=[m.ack_id for m in pulled.received_messages])
-        found += [m.message for m in pulled.received_messages]
-        if any(m.data == sentinel for m in found):
-            return [m for m in found if m.data != sentinel]
-    raise AssertionError(f"the sentinel never came through {subscription}")
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
