@@ -141,16 +141,22 @@ def test_a_source_replaced_mid_read_is_a_skip_not_a_failure(
 # -- the same bytes at a second path -------------------------------------------------------
 
 
-def test_a_copy_at_a_second_path_is_skipped_and_names_the_first(
-        flow_stubs: Callable[[Settings, LocalStore], Emitted]) -> None:
-    settings = get_settings()
-    store = LocalStore(settings.bucket_dir)
-    first = _drop(store, raw_object_name(settings.raw_prefix, "yellow", 2024, 1), 400, seed=5)
+def _first_and_copy(store: LocalStore, settings: Settings, seed: int
+                    ) -> tuple[ObjectRef, ObjectRef]:
+    """January under its TLC name, then the same bytes under raw/backup/ a moment later."""
+    first = _drop(store, raw_object_name(settings.raw_prefix, "yellow", 2024, 1), 400, seed)
     time.sleep(0.01)
     copy_name = settings.raw_prefix + "backup/yellow_tripdata_2024-01.parquet"
     with store.publish(copy_name) as target:
         target.write_bytes((store.root / first.name).read_bytes())
-    copy = store.ref(copy_name)
+    return first, store.ref(copy_name)
+
+
+def test_a_copy_at_a_second_path_is_skipped_and_names_the_first(
+        flow_stubs: Callable[[Settings, LocalStore], Emitted]) -> None:
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    first, copy = _first_and_copy(store, settings, seed=5)
     other = _drop(store, raw_object_name(settings.raw_prefix, "yellow", 2024, 2), 400, seed=6)
     emitted = flow_stubs(settings, store)
 
@@ -176,11 +182,7 @@ def test_reconcile_does_not_call_a_skipped_copy_stalled(tmp_path: Path) -> None:
     settings = get_settings()
     store = LocalStore(settings.bucket_dir)
     warehouse = DuckDBWarehouse(settings.warehouse_file)
-    first = _drop(store, raw_object_name(settings.raw_prefix, "yellow", 2024, 1), 400, seed=7)
-    time.sleep(0.01)
-    copy_name = settings.raw_prefix + "backup/yellow_tripdata_2024-01.parquet"
-    with store.publish(copy_name) as target:
-        target.write_bytes((store.root / first.name).read_bytes())
+    first, copy = _first_and_copy(store, settings, seed=7)
     processed = tmp_path / "p.parquet"
     transform_parquet(store.root / first.name, processed, tmp_path / "r.parquet",
                       source_uri=first.uri, source_generation=first.generation,
@@ -192,7 +194,7 @@ def test_reconcile_does_not_call_a_skipped_copy_stalled(tmp_path: Path) -> None:
     assert list(find_stalled(store, warehouse, settings, timedelta(minutes=1), now=later)) == []
     allowed = settings.model_copy(update={"allow_duplicate_content": True})
     stalled = list(find_stalled(store, warehouse, allowed, timedelta(minutes=1), now=later))
-    assert [s.obj.name for s in stalled] == [copy_name]
+    assert [s.obj.name for s in stalled] == [copy.name]
 
 
 # -- a bad new version of a loaded file -----------------------------------------------------
