@@ -22,6 +22,7 @@ from flows.tlc_schema import CANONICAL_SCHEMA
 from flows.transform import transform_object
 from flows.transform_core import BadInputFile, transform_parquet
 from taxi_pipeline import gcp_clients
+from taxi_pipeline.events import EXTRA_SOURCE_GENERATION
 from taxi_pipeline.lineage import METADATA_SOURCE_GENERATION
 from taxi_pipeline.objects import ObjectRef, sibling_name
 from taxi_pipeline.sample_data import generate_month, tlc_file_name, write_month
@@ -387,6 +388,35 @@ def test_transform_streams_a_month_from_and_to_the_bucket(
     # (nothing uploaded, no notification, the load would answer already_loaded).
     again = transform_object.fn(store, obj, flow_settings)
     assert again[1:] == (processed, rejects)
+
+
+def test_a_stale_transform_never_overwrites_a_newer_generations_outputs(
+    store: GcsStore, settings: Settings, prefix: str, tmp_path: Path
+) -> None:
+    """Both outputs carry their source generation as custom metadata; a run for an
+    older generation that reaches publish after a newer one's stops (OutputSuperseded)
+    and the bucket keeps the newer files."""
+    from flows.transform import OutputSuperseded, output_state
+
+    flow_settings = settings.model_copy(update={
+        "raw_prefix": prefix + settings.raw_prefix,
+        "processed_prefix": prefix + settings.processed_prefix,
+        "rejects_prefix": prefix + settings.rejects_prefix,
+    })
+    raw_name = f"{prefix}{settings.raw_prefix}yellow/2024/{tlc_file_name('yellow', 2024, 1)}"
+    older = put(store, raw_name, write_month(generate_month("yellow", 2024, 1, 900, seed=4),
+                                             tmp_path / "old.parquet").read_bytes())
+    newer = put(store, raw_name, write_month(generate_month("yellow", 2024, 1, 700, seed=5),
+                                             tmp_path / "new.parquet").read_bytes())
+    _, processed, rejects = transform_object.fn(store, newer, flow_settings)
+    for output in (processed, rejects):
+        assert store.ref(output.name).extra[EXTRA_SOURCE_GENERATION] == str(newer.generation)
+        with pytest.raises(OutputSuperseded):
+            output_state(store, output.name, older)
+        assert output_state(store, output.name, newer) == output.generation
+    with pytest.raises(OutputSuperseded):
+        transform_object.fn(store, older, flow_settings)
+    assert (store.ref(processed.name), store.ref(rejects.name)) == (processed, rejects)
 
 
 def test_a_non_parquet_object_is_refused_and_can_be_quarantined(
