@@ -36,7 +36,7 @@ from flows.transform_core import BadInputFile, TransformStats, transform_parquet
 from taxi_pipeline import events
 from taxi_pipeline.content_twins import content_hash, earlier_twin
 from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
-from taxi_pipeline.objects import ObjectRef, dataset_of, month_of, sibling_name
+from taxi_pipeline.objects import ObjectRef, dataset_of, folder_year_of, month_of, sibling_name
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore
 from taxi_pipeline.warehouse import warehouse_from_settings
@@ -194,7 +194,7 @@ def _month_text(month: tuple[int, int] | None) -> str | None:
     return f"{month[0]:04d}-{month[1]:02d}" if month else None
 
 
-def what_was_used(stats: TransformStats) -> dict[str, Any]:
+def what_was_used(stats: TransformStats, name: str = "") -> dict[str, Any]:
     """Dataset and month the rows were checked against, where each came from, and oddities.
 
     A name that does not follow the TLC pattern (or says month 13) leaves both
@@ -210,7 +210,15 @@ def what_was_used(stats: TransformStats) -> dict[str, Any]:
         "unparseable_cells": dict(stats.unparseable),
         "codes_nulled": dict(stats.codes_nulled),
         "row_groups_out": stats.row_groups_out,
+        "folder_year_conflict": folder_year_conflict(stats, name),
     }
+
+
+def folder_year_conflict(stats: TransformStats, name: str) -> bool:
+    """A year folder (`raw/yellow/2024/`) that the month the rows were checked against
+    contradicts: 2025 data filed under 2024 loads, but not without a word."""
+    year = folder_year_of(name)
+    return year is not None and stats.month is not None and stats.month[0] != year
 
 
 def _summary(obj: ObjectRef, stats: TransformStats) -> list[dict[str, Any]]:
@@ -314,13 +322,17 @@ def transform(object_uri: str, generation: int | None = None,
     counts = {"rows_in": stats.rows_in, "rows_out": stats.rows_out,
               "rows_rejected": stats.rows_rejected,
               "rejected_by_reason": dict(stats.rejected), "rejects_uri": rejects.uri}
-    used = what_was_used(stats)
+    used = what_was_used(stats, obj.name)
     emit(events.TRANSFORM_COMPLETED, obj, settings, related=outputs,
          payload={**counts, **used, "processed_uri": processed.uri, "output": output})
     if stats.taxi_type_inferred or stats.month_inferred:
         logger.warning("uri=%s: the name does not say it all; used dataset %s (from the %s) "
                        "and month %s (from the %s)", obj.uri, stats.taxi_type,
                        stats.taxi_type_source, used["month"], stats.month_source)
+    if used["folder_year_conflict"]:
+        logger.warning("uri=%s: filed under year %s but its rows are of %s; move it to the "
+                       "right folder (the rows load under their own month either way)",
+                       obj.uri, folder_year_of(obj.name), used["month"])
     if stats.month_conflict or stats.dataset_conflict:
         logger.warning("uri=%s: the name disagrees with the data: month %s holds %.0f%% of "
                        "pickups (most are in %s), columns say %s; check the file's name",

@@ -86,6 +86,15 @@ def month_of(name: str) -> tuple[int, int] | None:
     return year, month
 
 
+def folder_year_of(name: str) -> int | None:
+    """The year a folder of the name claims (`raw/yellow/2024/...` -> 2024), or None.
+
+    Only the folders, not the file name: `month_of` reads that.
+    """
+    years = [int(part) for part in name.split("/")[:-1] if re.fullmatch(r"(19|20)\d\d", part)]
+    return years[-1] if years else None
+
+
 def sibling_name(name: str, from_prefix: str, to_prefix: str) -> str:
     """The deterministic name of a derived object: same path under another prefix.
 

@@ -27,7 +27,7 @@ from flows.transform_core import transform_parquet
 from taxi_pipeline import events
 from taxi_pipeline.content_twins import earlier_twin
 from taxi_pipeline.lineage import METADATA_SOURCE_GENERATION
-from taxi_pipeline.objects import ObjectRef, sibling_name
+from taxi_pipeline.objects import ObjectRef, folder_year_of, sibling_name
 from taxi_pipeline.reconcile import find_stalled
 from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings, get_settings
@@ -260,3 +260,22 @@ def test_a_name_the_data_contradicts_is_flagged(
     assert payload["month_conflict"] is True
     assert payload["month_from_data"] == "2024-01"
     assert payload["rejected_by_reason"]["pickup_outside_month"] > 600
+
+
+def test_data_of_another_year_than_its_folder_is_flagged(
+        flow_stubs: Callable[[Settings, LocalStore], Emitted]) -> None:
+    """`raw/yellow/2024/data.parquet` holding 2025 trips: checked as 2025, flagged."""
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    name = settings.raw_prefix + "yellow/2024/data.parquet"
+    with store.publish(name) as target:
+        write_month(generate_month("yellow", 2025, 3, 500, seed=11), target)
+    obj = store.ref(name)
+    emitted = flow_stubs(settings, store)
+    transform_flow.transform.fn(obj.uri, obj.generation)
+    payload = dict(emitted)[events.TRANSFORM_COMPLETED]
+    assert (payload["month"], payload["month_source"]) == ("2025-03", "data")
+    assert payload["folder_year_conflict"] is True
+    assert folder_year_of(name) == 2024
+    assert folder_year_of(settings.raw_prefix + "foo.parquet") is None
+    assert folder_year_of(settings.raw_prefix + "yellow_tripdata_2024-01.parquet") is None
