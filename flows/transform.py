@@ -35,7 +35,7 @@ from flows.common import (
 from flows.transform_core import BadInputFile, TransformStats, transform_parquet
 from taxi_pipeline import events
 from taxi_pipeline.content_twins import content_hash, earlier_twin
-from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
+from taxi_pipeline.lineage import NotAProcessedObject, lineage_extra, source_of
 from taxi_pipeline.objects import ObjectRef, dataset_of, folder_year_of, month_of, sibling_name
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore
@@ -94,15 +94,11 @@ def output_state(store: ObjectStore, name: str, source: ObjectRef) -> int:
         current = store.ref(name)
     except ObjectNotFound:
         return 0
-    made_from = current.extra.get(events.EXTRA_SOURCE_GENERATION)
-    source_uri = current.extra.get(events.EXTRA_SOURCE_URI)
-    if made_from is None or source_uri is None:
-        try:
-            source_uri, generation = read_lineage(store, current)
-            made_from = str(generation)
-        except (NotAProcessedObject, ObjectNotFound):
-            return current.generation  # not ours, or gone: the precondition decides
-    if source_uri == source.uri and int(made_from) > source.generation:
+    try:
+        source_uri, made_from = source_of(store, current)
+    except (NotAProcessedObject, ObjectNotFound):
+        return current.generation  # not ours, or gone: the precondition decides
+    if source_uri == source.uri and made_from > source.generation:
         raise OutputSuperseded(
             f"{current.uri} holds generation {made_from} of {source.uri}, newer than "
             f"{source.generation}: the newer generation's run owns the outputs")
@@ -152,12 +148,6 @@ def transform_object(
     # The local store has no custom metadata: the lineage is in the footer we just wrote.
     processed = dataclasses.replace(processed, extra={**processed.extra, **lineage_extra(obj)})
     return stats, processed, store.ref(rejects_name)
-
-
-def lineage_extra(source: ObjectRef) -> dict[str, str]:
-    """The processed object's lineage as `ObjectRef.extra` / GCS custom metadata."""
-    return {events.EXTRA_SOURCE_URI: source.uri,
-            events.EXTRA_SOURCE_GENERATION: str(source.generation)}
 
 
 def current_generation(store: ObjectStore, name: str) -> int | None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from taxi_pipeline.events import EXTRA_SOURCE_GENERATION, EXTRA_SOURCE_URI
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.storage import ObjectStore
 
-METADATA_SOURCE_URI = b"taxi_pipeline.source_uri"
-METADATA_SOURCE_GENERATION = b"taxi_pipeline.source_generation"
+# Footer keys are the ObjectRef.extra / GCS metadata keys, so `lineage_of` maps one
+# onto the other.
+METADATA_SOURCE_URI = EXTRA_SOURCE_URI.encode()
+METADATA_SOURCE_GENERATION = EXTRA_SOURCE_GENERATION.encode()
 
 
 class NotAProcessedObject(ValueError):
@@ -23,6 +26,11 @@ class NotAProcessedObject(ValueError):
 def lineage_metadata(source_uri: str, source_generation: int) -> dict[bytes, bytes]:
     return {METADATA_SOURCE_URI: source_uri.encode(),
             METADATA_SOURCE_GENERATION: str(source_generation).encode()}
+
+
+def lineage_extra(source: ObjectRef) -> dict[str, str]:
+    """A processed object's lineage as `ObjectRef.extra` / GCS custom metadata."""
+    return {EXTRA_SOURCE_URI: source.uri, EXTRA_SOURCE_GENERATION: str(source.generation)}
 
 
 def lineage_of(metadata: dict[bytes, bytes] | None) -> dict[str, str]:
@@ -51,3 +59,12 @@ def read_lineage(store: ObjectStore, obj: ObjectRef) -> tuple[str, int]:
             f"{obj.uri} has no lineage metadata: only files written by the transform flow "
             "can be loaded. Put raw files under the raw prefix instead."
         ) from None
+
+
+def source_of(store: ObjectStore, obj: ObjectRef) -> tuple[str, int]:
+    """(source URI, source generation) from `obj.extra` when it carries them (GCS custom
+    metadata, read with the object), else from the parquet footer."""
+    uri, generation = obj.extra.get(EXTRA_SOURCE_URI), obj.extra.get(EXTRA_SOURCE_GENERATION)
+    if uri is not None and generation is not None:
+        return uri, int(generation)
+    return read_lineage(store, obj)

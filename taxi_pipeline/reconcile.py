@@ -27,7 +27,7 @@ from prefect.events import Event
 from taxi_pipeline import events
 from taxi_pipeline.content_twins import earlier_twin
 from taxi_pipeline.event_delivery import EventDelivery
-from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
+from taxi_pipeline.lineage import NotAProcessedObject, source_of
 from taxi_pipeline.objects import ObjectRef, sibling_name
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
@@ -125,7 +125,7 @@ def transformed(store: ObjectStore, raw: ObjectRef, settings: Settings) -> Objec
     name = sibling_name(raw.name, settings.raw_prefix, settings.processed_prefix)
     try:
         processed = store.ref(name)
-        source_uri, source_generation = read_lineage(store, processed)
+        source_uri, source_generation = source_of(store, processed)
     except (ObjectNotFound, NotAProcessedObject):
         return None
     except Exception as exc:  # unreadable footer: the transform will write it again
