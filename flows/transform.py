@@ -184,7 +184,7 @@ def _month_text(month: tuple[int, int] | None) -> str | None:
     return f"{month[0]:04d}-{month[1]:02d}" if month else None
 
 
-def what_was_used(stats: TransformStats, name: str = "") -> dict[str, Any]:
+def what_was_used(stats: TransformStats, name: str) -> dict[str, Any]:
     """Dataset and month the rows were checked against, where each came from, and oddities.
 
     A name that does not follow the TLC pattern (or says month 13) leaves both
@@ -244,14 +244,15 @@ def skip_duplicate(store: ObjectStore, obj: ObjectRef, settings: Settings) -> di
     first = earlier_twin(store, obj, settings.raw_prefix)
     if first is None:
         return None
-    why = (f"{obj.uri} holds the same bytes as {first.uri} (md5 {content_hash(store, first)}), "
+    md5 = content_hash(store, first)  # filled in by earlier_twin: no second read
+    why = (f"{obj.uri} holds the same bytes as {first.uri} (md5 {md5}), "
            "which is loaded instead; remove the copy, or set TAXI_ALLOW_DUPLICATE_CONTENT=true "
            "(or the flow parameter allow_duplicate_content) and re-emit it to load both")
     get_run_logger().warning("duplicate content uri=%s first=%s", obj.uri, first.uri)
     emit(events.OBJECT_DUPLICATE_CONTENT, obj, settings,
          related=[events.object_role_resource(first, "original", settings.stage_prefixes)],
          payload={"duplicate_of": first.uri, "duplicate_of_generation": first.generation,
-                  "md5_hash": content_hash(store, first), "detail": why})
+                  "md5_hash": md5, "detail": why})
     return {"status": "skipped", "reason": why, "duplicate_of": first.uri}
 
 

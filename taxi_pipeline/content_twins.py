@@ -11,6 +11,9 @@ then the name, so two copies landing at once agree on which one loads.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
+
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore
 from taxi_pipeline.storage.base import content_md5
@@ -35,16 +38,20 @@ def _order(obj: ObjectRef) -> tuple[float, str]:
     return (stamp.timestamp() if stamp else float(obj.generation), obj.name)
 
 
-def earlier_twin(store: ObjectStore, obj: ObjectRef, prefix: str) -> ObjectRef | None:
+def earlier_twin(store: ObjectStore, obj: ObjectRef, prefix: str,
+                 among: Iterable[ObjectRef] | None = None) -> ObjectRef | None:
     """An object under `prefix` that landed before `obj` with exactly its bytes, or None.
 
-    Sizes are compared first (they come with the listing), so only objects of
-    the same size are hashed: a local bucket of distinct months costs no reads.
+    The twin comes back with its `md5_hash` set, so naming it costs no second
+    read. `among`: that prefix's listing when the caller already has it (a
+    reconcile pass checks many objects against one listing). Sizes are compared
+    first (they come with the listing), so only objects of the same size are
+    hashed: a local bucket of distinct months costs no reads.
     """
     if obj.size is None:
         return None
     mine: str | None = None
-    for other in store.list(prefix):
+    for other in store.list(prefix) if among is None else among:
         if other.name == obj.name or other.size != obj.size or _order(other) >= _order(obj):
             continue
         if mine is None:
@@ -53,7 +60,7 @@ def earlier_twin(store: ObjectStore, obj: ObjectRef, prefix: str) -> ObjectRef |
                 return None
         try:
             if content_hash(store, other) == mine:
-                return other
+                return dataclasses.replace(other, md5_hash=mine)
         except ObjectNotFound:  # replaced or removed while we looked: not a twin now
             continue
     return None

@@ -89,6 +89,7 @@ def find_stalled(store: ObjectStore, warehouse: Warehouse, settings: Settings,
     Younger objects are left alone: they are most likely still on their way.
     """
     now = now or datetime.now(UTC)
+    listing: list[ObjectRef] | None = None  # raw/ once, when a twin check first needs it
     for obj in store.list(settings.raw_prefix):
         if obj.updated is not None and now - obj.updated < older_than:
             continue
@@ -105,9 +106,11 @@ def find_stalled(store: ObjectStore, warehouse: Warehouse, settings: Settings,
                 continue
         except ObjectNotFound:
             pass
-        if not settings.allow_duplicate_content and earlier_twin(store, obj,
-                                                                 settings.raw_prefix):
-            continue  # a copy of an earlier raw object: skipped on purpose, not stalled
+        if not settings.allow_duplicate_content:
+            if listing is None:
+                listing = list(store.list(settings.raw_prefix))
+            if earlier_twin(store, obj, settings.raw_prefix, listing):
+                continue  # a copy of an earlier raw object: skipped on purpose, not stalled
         resume = transformed(store, obj, settings)
         why = "never loaded" if loaded is None else (
             f"warehouse holds generation {loaded[0]}, bucket has {obj.generation}")
