@@ -280,10 +280,11 @@ class DirectorySource:
         if watch is None or (watch.size, watch.generation) != (size, ref.generation):
             watch = self.watching[ref.name] = _Watch(size, ref.generation, now)
         quiet = now - watch.stable_since
-        if quiet < self.settle and not self._finished(ref):
+        finished = self._finished(ref)
+        if quiet < self.settle and not finished:
             return None
         try:
-            if not self._complete(ref, watch, quiet):
+            if not finished and not self._complete(ref, watch, quiet):
                 return None
             ref = dataclasses.replace(ref, md5_hash=self.store.md5(ref.name))
             ref = self._with_lineage(ref)
@@ -328,10 +329,8 @@ class DirectorySource:
                 return False
         except OSError:
             return False  # `_complete` reports what cannot be read, after the settle wait
-        if not self._open_read:
-            self._open = self.writers.snapshot()
-            self._open_read = True
-        return self._open is not None and str(path) not in self._open
+        writers = self._snapshot()
+        return writers is not None and str(path) not in writers
 
     def _complete(self, ref: ObjectRef, watch: _Watch, quiet: float) -> bool:
         """Settled; is it finished? Raises OSError when the file cannot be read."""
@@ -356,11 +355,15 @@ class DirectorySource:
                         "(it will be quarantined as truncated)", ref.uri, ref.generation, quiet)
         return True
 
-    def _writers_of(self, path: Path) -> set[int]:
+    def _snapshot(self) -> dict[str, set[int]] | None:
+        """This poll's /proc snapshot (path -> writing pids), read once when first needed."""
         if not self._open_read:
             self._open = self.writers.snapshot()
             self._open_read = True
-        return (self._open or {}).get(str(path), set())
+        return self._open
+
+    def _writers_of(self, path: Path) -> set[int]:
+        return (self._snapshot() or {}).get(str(path), set())
 
     def _forget_missing(self, seen: set[str]) -> None:
         for name in [n for n in self.watching if n not in seen]:
