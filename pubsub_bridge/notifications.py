@@ -86,10 +86,7 @@ def parse_notification(attributes: Mapping[str, str], data: bytes, scope: Scope)
         raise Ignored("prefix")
     size = resource.get("size")
     # The transform sets the lineage as custom metadata on processed objects (GCS).
-    metadata = resource.get("metadata")
-    lineage = {k: str(v) for k, v in metadata.items()
-               if k in (events.EXTRA_SOURCE_URI, events.EXTRA_SOURCE_GENERATION)
-               } if isinstance(metadata, dict) else {}
+    lineage = events.lineage_in(resource.get("metadata"))
     return ObjectRef(
         bucket=bucket,
         name=name,

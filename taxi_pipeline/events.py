@@ -73,6 +73,15 @@ EXTRA_SOURCE_URI = "taxi_pipeline.source_uri"
 EXTRA_SOURCE_GENERATION = "taxi_pipeline.source_generation"
 
 
+def lineage_in(metadata: object) -> dict[str, str]:
+    """The lineage keys of a GCS object's custom metadata (as the API or a notification
+    gives it), as `ObjectRef.extra`; empty when there is none."""
+    if not isinstance(metadata, dict):
+        return {}
+    return {key: str(metadata[key]) for key in (EXTRA_SOURCE_URI, EXTRA_SOURCE_GENERATION)
+            if key in metadata}
+
+
 def lineage_related(obj: ObjectRef) -> list[RelatedResource]:
     """The raw object generation a processed object was made from, role `source`.
 

@@ -20,7 +20,7 @@ from google.cloud import storage  # type: ignore[attr-defined]
 from google.cloud.storage.fileio import BlobReader
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from taxi_pipeline.events import EXTRA_SOURCE_GENERATION, EXTRA_SOURCE_URI
+from taxi_pipeline.events import lineage_in
 from taxi_pipeline.objects import ObjectRef, parse_uri
 from taxi_pipeline.storage.base import ObjectNotFound, PreconditionFailed, content_md5
 
@@ -100,9 +100,7 @@ class GcsStore:
         extra = {"metageneration": str(blob.metageneration)} if blob.metageneration else {}
         if blob.storage_class:
             extra["storage_class"] = str(blob.storage_class)
-        for key in (EXTRA_SOURCE_URI, EXTRA_SOURCE_GENERATION):
-            if blob.metadata and key in blob.metadata:
-                extra[key] = str(blob.metadata[key])
+        extra.update(lineage_in(blob.metadata))
         return ObjectRef(
             bucket=self.bucket,
             name=blob.name,
