@@ -49,12 +49,12 @@ from prefect.events.filters import (
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from taxi_pipeline import events
+from taxi_pipeline.cli import wait_for_load
 from taxi_pipeline.local_stack import LocalStack
 from taxi_pipeline.objects import ObjectRef, raw_object_name, sibling_name
 from taxi_pipeline.sample_data import generate_month, write_month
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage.local import LocalStore
-from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 
 HOPS = [
     ("drop -> raw event stored", "bridge"),
@@ -133,15 +133,13 @@ async def hop_times(drop: Drop, settings: Settings) -> list[float]:
     return [(b - a).total_seconds() for a, b in itertools.pairwise(marks)]
 
 
-def wait_loaded(settings: Settings, raw: ObjectRef, timeout: float) -> datetime:
-    warehouse = DuckDBWarehouse(settings.warehouse_file)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        loaded = warehouse.loaded(settings.table, raw.uri)
-        if loaded is not None and loaded[0] >= raw.generation:
-            return datetime.now(UTC)
-        time.sleep(0.05)
-    raise SystemExit(f"{raw.uri} generation {raw.generation} not loaded within {timeout:.0f}s")
+def wait_loaded(settings: Settings, store: LocalStore, raw: ObjectRef,
+                timeout: float) -> datetime:
+    """When the warehouse held this generation (the demo's own wait, polled every 0.1 s)."""
+    outcome = wait_for_load(settings, store, raw, timeout)
+    if isinstance(outcome, str):
+        raise SystemExit(outcome)
+    return datetime.now(UTC)
 
 
 def main() -> None:
@@ -170,7 +168,8 @@ def main() -> None:
                     dropped = datetime.now(UTC)
                     shutil.copyfile(source, target)
                     raw = store.ref(name)
-                    drops.append(Drop(raw, dropped, wait_loaded(settings, raw, args.timeout)))
+                    loaded = wait_loaded(settings, store, raw, args.timeout)
+                    drops.append(Drop(raw, dropped, loaded))
                 # Events are persisted in batches (every 20 or 5 s): let the last ones land.
                 rows = []
                 deadline = time.monotonic() + 30
