@@ -14,11 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.burst import BURST, TIMEOUT, assert_exactly_once, drop_all, make_burst, wait_all_loaded
-from support.local_e2e import running_stack
+from support.burst import (
+    BURST,
+    TIMEOUT,
+    assert_exactly_once,
+    burst_stack,
+    drop_all,
+    make_burst,
+    wait_all_loaded,
+)
 
 from taxi_pipeline.local_stack import LocalStack
-from taxi_pipeline.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -26,11 +32,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    home = tmp_path_factory.mktemp("burst-home")
-    # The production defaults of reconcile (every 2 min, objects quiet for 3 min): a
-    # shorter wait re-emits objects still queued behind the burst and doubles work.
-    settings = Settings(profile="local", home=home, bucket=str(home / "bucket"))
-    with running_stack(settings) as running:
+    with burst_stack(tmp_path_factory.mktemp("burst-home")) as running:
         yield running
 
 

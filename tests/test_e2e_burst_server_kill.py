@@ -17,25 +17,21 @@ from support.burst import (
     BURST,
     TIMEOUT,
     assert_exactly_once,
+    burst_stack,
     drop_all,
     make_burst,
     read_outcome,
     wait_all_loaded,
 )
-from support.local_e2e import running_stack
 
 from taxi_pipeline.local_stack import LocalStack
-from taxi_pipeline.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    home = tmp_path_factory.mktemp("burst-kill-home")
-    # The production defaults of reconcile, as in test_e2e_burst.py.
-    settings = Settings(profile="local", home=home, bucket=str(home / "bucket"))
-    with running_stack(settings) as running:
+    with burst_stack(tmp_path_factory.mktemp("burst-kill-home")) as running:
         yield running
 
 

@@ -11,12 +11,26 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from support.local_e2e import running_stack
+from taxi_pipeline.local_stack import LocalStack
 from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
+
+
+@contextmanager
+def burst_stack(home: Path) -> Iterator[LocalStack]:
+    """The local stack a burst runs on, with the production defaults of reconcile (every
+    2 min, objects quiet for 3 min): a shorter wait re-emits objects still queued behind
+    the burst and doubles work."""
+    settings = Settings(profile="local", home=home, bucket=str(home / "bucket"))
+    with running_stack(settings) as running:
+        yield running
 
 
 @dataclass(frozen=True)
