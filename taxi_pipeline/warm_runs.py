@@ -83,6 +83,35 @@ STOP_GRACE_SECONDS = 5.0
 _PR_SET_PDEATHSIG = 1
 
 
+def complete_pydantic_models() -> int:
+    """Build now the schemas of pydantic models that defer it to their first use.
+
+    Prefect declares many of its API models with forward references, so pydantic
+    builds their validators on first use; in a forked run that first use is in
+    every child (read_flow_run, read_deployment, events, logs: ~6% of a run's CPU in
+    a burst profile). Built once here, every child inherits them. A model that
+    still cannot be built is left as it was (its first use tries again, as before).
+    Returns how many were built.
+    """
+    import pydantic
+
+    built = 0
+    pending: list[type[pydantic.BaseModel]] = [pydantic.BaseModel]
+    seen: set[type[pydantic.BaseModel]] = set()
+    while pending:
+        cls = pending.pop()
+        for sub in cls.__subclasses__():
+            if sub in seen:
+                continue
+            seen.add(sub)
+            pending.append(sub)
+            if getattr(sub, "__pydantic_complete__", True) or "[" in sub.__name__:
+                continue  # complete, or a parametrised generic (built where it is used)
+            with contextlib.suppress(Exception):
+                built += bool(sub.model_rebuild(raise_errors=False))
+    return built
+
+
 def launcher_command(socket_path: Path) -> str:
     """The work pool `command`: the stdlib-only launcher, without `site` (~10 ms start-up)."""
     return shlex.join([sys.executable, "-I", "-S", str(LAUNCHER_PATH), "--socket",
@@ -188,6 +217,7 @@ class ForkServer:
             except Exception as exc:  # a broken flow module must not stop warm runs of others
                 _log(f"could not preload {name}: {type(exc).__name__}: {exc}; "
                      "its runs will import it themselves")
+        complete_pydantic_models()
         with contextlib.suppress(OSError):
             self._libc = ctypes.CDLL(None, use_errno=True)
         self._engine = engine_main_code()

@@ -121,6 +121,28 @@ def test_launcher_imports_only_a_few_stdlib_modules() -> None:
     assert cpu < 0.1, f"launcher start-up used {cpu * 1000:.0f} ms of CPU"
 
 
+def test_preloading_builds_prefects_deferred_models_without_threads() -> None:
+    """A child must not rebuild FlowRun & co. on first use: the server builds them once."""
+    script = """
+import json, threading
+import prefect.engine, flows.transform, flows.load
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import DeploymentResponse
+from taxi_pipeline.warm_runs import complete_pydantic_models
+before = [FlowRun.__pydantic_complete__, DeploymentResponse.__pydantic_complete__]
+built = complete_pydantic_models()
+print(json.dumps([before, [FlowRun.__pydantic_complete__,
+                  DeploymentResponse.__pydantic_complete__], built, threading.active_count()]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    before, after, built, threads = json.loads(result.stdout)
+    assert before == [False, False], "Prefect builds these eagerly now: the step can go"
+    assert after == [True, True]
+    assert built > 0
+    assert threads == 1
+
 @pytest.fixture
 def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """A fork server with two children at most and no Prefect server anywhere."""
