@@ -10,7 +10,7 @@ automations, recover and reconcile deployments must load them. Printed per
 database: seconds until all are queryable, flow runs created per second, runs
 that did not complete, files loaded exactly once, the bridge's peak RSS, and
 CPU seconds per flow run of each stack process (forked runs counted under the
-fork server `flow-runs`; PostgreSQL is not counted). The
+fork server `flow-runs`; `postgres` is the embedded cluster, backends included). The
 two rows are measured in the same run, one after the other, so they compare.
 """
 
@@ -53,6 +53,12 @@ def cpu_seconds(stack: LocalStack) -> dict[str, float]:
             found[managed.name] = total
         except psutil.Error:
             continue
+    postmaster = stack.database.pid if stack.database is not None else None
+    if postmaster is not None:  # the embedded PostgreSQL: postmaster and its backends
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(postmaster)
+            found["postgres"] = sum(root.cpu_times()[:4]) + sum(
+                sum(child.cpu_times()[:2]) for child in root.children())
     return found
 
 
