@@ -37,10 +37,10 @@ def isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     get_settings.cache_clear()
 
 
-# The longest files run first: with two workers (scripts/test.sh, `--dist loadfile
-# --no-loadscope-reorder`) each worker starts one 200-file burst at once (one of
-# them mostly waits for the scheduled reconcile after its server kill), then
-# both work through the rest, instead of the bursts being the tail.
+# The longest files run first: with three workers (scripts/test.sh, `--dist loadfile
+# --no-loadscope-reorder`) two start one 200-file burst each (the server-kill one
+# mostly waits for the scheduled reconcile after the kill) while the third works
+# through the other long files, instead of the bursts being the tail.
 _FIRST = ("test_e2e_burst_server_kill.py", "test_e2e_burst.py", "test_e2e_recovery.py",
           "test_bridge_pubsub.py")
 

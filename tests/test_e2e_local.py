@@ -497,7 +497,7 @@ def test_status_follow_streams_a_dropped_file_and_a_deleted_object_keeps_its_sto
     settings = use_stack_settings(stack, monkeypatch)
     prefix = f"{settings.raw_prefix}yellow/2018/"
     env = {**os.environ, "TAXI_HOME": str(settings.home), "TAXI_BUCKET": settings.bucket,
-           "PREFECT_API_URL": str(stack.api_url)}
+           "PREFECT_API_URL": str(stack.api_url), "PYTHONFAULTHANDLER": "1"}
     follower = subprocess.Popen(
         [sys.executable, "-m", "taxi_pipeline.cli", "status", "--follow", prefix],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -533,7 +533,15 @@ def test_status_follow_streams_a_dropped_file_and_a_deleted_object_keeps_its_sto
         loaded = wait_line(events.LOAD_COMPLETED, 60)
         assert processed in loaded and f"rows={sample.expected_good}" in loaded
         follower.send_signal(signal.SIGINT)
-        assert follower.wait(timeout=30) == 0
+        try:
+            code = follower.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            # PYTHONFAULTHANDLER: SIGABRT makes it print where every thread is.
+            follower.send_signal(signal.SIGABRT)
+            follower.wait(timeout=30)
+            stuck = follower.stderr.read() if follower.stderr else ""
+            raise AssertionError(f"status --follow still ran 30 s after Ctrl-C:\n{stuck}") from None
+        assert code == 0
     finally:
         if follower.poll() is None:
             follower.kill()
