@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -905,7 +906,7 @@ async def follow(settings: Settings, target: str | None,
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        await _follow(store, prefixes, target, until)
+        await _until_stopped(_follow(store, prefixes, target, until))
     except (asyncio.CancelledError, KeyboardInterrupt):
         return 0
     except BrokenPipeError:
@@ -918,6 +919,36 @@ async def follow(settings: Settings, target: str | None,
               f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None], grace: float = 5.0) -> None:
+    """Run `work` until it ends or Ctrl-C (SIGINT) / SIGTERM arrives; then cancel it.
+
+    The signal only sets an event the main coroutine waits on, so stopping does
+    not depend on the websocket client letting a cancellation through: asyncio.run's
+    own Ctrl-C handling cancels the main task, and under load the tests saw
+    `status --follow` still waiting on its websocket 30 s after Ctrl-C. The loop's
+    signal handlers also wake it through its self-pipe, whichever thread took the
+    signal. The cancelled work gets `grace` seconds to close its connection.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    running = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        stopping.cancel()
+        if not running.done():
+            running.cancel()
+            await asyncio.wait({running}, timeout=grace)
+    if running.done() and not running.cancelled():
+        running.result()  # its error, if it failed on its own
 
 
 async def _follow(store: ObjectStore, prefixes: list[str], target: str | None,
