@@ -440,3 +440,35 @@ def test_follow_watches_every_stage_of_a_prefix_or_one_object(
     assert status_board.follow_uris(NAME, settings, store) == list(family.uris.values())
     with pytest.raises(StatusError, match="--follow takes a prefix"):
         status_board.follow_uris("yellow_tripdata_2024-01.parquet", settings, store)
+
+
+STOP_SCRIPT = """
+import asyncio, os, signal, sys, time
+from taxi_pipeline.status_board import _until_stopped
+
+async def stubborn():  # swallows the first cancellation, like a client mid-reconnect
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        await asyncio.sleep(3600)
+
+async def main():
+    asyncio.get_running_loop().call_later(0.5, os.kill, os.getpid(), signal.{signal})
+    started = time.monotonic()
+    await _until_stopped(stubborn(), grace=1.0)
+    print(round(time.monotonic() - started, 1))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_follow_stops_on_a_signal_even_when_its_work_ignores_one_cancellation(
+        signal_name: str) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", STOP_SCRIPT.replace("{signal}", signal_name)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 5, result.stdout
