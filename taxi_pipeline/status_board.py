@@ -948,7 +948,9 @@ async def _until_stopped(work: Coroutine[Any, Any, None], grace: float = 5.0) ->
             running.cancel()
             await asyncio.wait({running}, timeout=grace)
     if running.done() and not running.cancelled():
-        running.result()  # its error, if it failed on its own
+        error = running.exception()  # retrieved either way, so asyncio does not log it
+        if error is not None and not stop.is_set():
+            raise error  # it failed on its own; an error while stopping is not a failure
 
 
 async def _follow(store: ObjectStore, prefixes: list[str], target: str | None,
