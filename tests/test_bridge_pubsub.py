@@ -126,21 +126,25 @@ class Bridge:
                 time.sleep(0.2)
         raise AssertionError("bridge did not start: " + log.read_text()[-3000:])
 
-    def metric(self, name: str, **labels: str) -> float:
+    def sample(self, series: str) -> float | None:
+        """The value of one series of /metrics, or None when it is not there."""
         text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+        return None
+
+    def metric(self, name: str, **labels: str) -> float:
         label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         wanted = f"bridge_{name}_total{{{label_text}}}" if labels else f"bridge_{name}_total"
-        for line in text.splitlines():
-            if line.startswith(wanted + " "):
-                return float(line.split()[-1])
-        return 0.0
+        value = self.sample(wanted)
+        return 0.0 if value is None else value
 
     def gauge(self, name: str) -> float:
-        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
-        for line in text.splitlines():
-            if line.startswith(f"bridge_{name} "):
-                return float(line.split()[-1])
-        raise AssertionError(f"no gauge bridge_{name} in /metrics")
+        value = self.sample(f"bridge_{name}")
+        if value is None:
+            raise AssertionError(f"no gauge bridge_{name} in /metrics")
+        return value
 
     def healthz(self) -> int:
         return httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=5).status_code

@@ -553,7 +553,7 @@ def test_status_follow_streams_a_dropped_file_and_a_deleted_object_keeps_its_sto
         loaded = wait_line(events.LOAD_COMPLETED, 60)
         assert processed in loaded and f"rows={sample.expected_good}" in loaded
         # Ctrl-C as the kernel may deliver it: to a thread other than the main one
-        # (pyarrow's native threads), which asyncio.run's own handling missed.
+        # (pyarrow's native threads), the harder case for a Python-level handler.
         signal_another_thread(follower.pid, signal.SIGINT)
         try:
             code = follower.wait(timeout=30)

@@ -143,6 +143,7 @@ print(json.dumps([before, [FlowRun.__pydantic_complete__,
     assert built > 0
     assert threads == 1
 
+
 @pytest.fixture
 def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """A fork server with two children at most and no Prefect server anywhere."""
