@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -98,6 +99,23 @@ def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen[bytes] 
         f"the Prefect server at {api_url} did not become healthy within {timeout:.0f}s. "
         f"Last lines of its log ({log_path}):\n{tail}"
     )
+
+
+def lost_port_race(log_path: Path, start: int, port: int) -> bool:
+    """Whether the server log written from byte `start` says `port` was already taken.
+
+    Two messages say so: Prefect's own check before it starts, and uvicorn's bind
+    after the app is built (seconds later, hence the race).
+    """
+    try:
+        with log_path.open("rb") as log:
+            log.seek(start)
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return False
+    return (f"Port {port} is already in use" in text
+            or re.search(rf"bind on address \(.*, {port}\): address already in use",
+                         text) is not None)
 
 
 def port_of(api_url: str) -> int:
@@ -232,14 +250,20 @@ class LocalStack:
             }
         )
         self.api_url = api_url
+        log_path = self.log_dir / "prefect-server.log"
+        log_start = log_path.stat().st_size if log_path.exists() else 0
         try:
             self._spawn_server(port)
         except RuntimeError:
-            if not self.ui or free_port(port) == port:
+            if not self.ui or not lost_port_race(log_path, log_start, port):
                 raise
             # The UI's usual port was taken between our check and the server's bind
             # (another `up` starting at the same moment): any free port will do.
-            self.processes = [p for p in self.processes if p.name != "prefect-server"]
+            # The server's own log decides, not a second look at the port: the other
+            # holder may be gone by then (a stack stopping), which is how CI lost it.
+            failed = self.process("prefect-server")
+            failed.stop(grace=5.0)
+            self.processes.remove(failed)
             port = free_port(None)
             self.api_url = api_url = f"http://127.0.0.1:{port}/api"
             self.env["PREFECT_UI_API_URL"] = api_url
@@ -247,12 +271,12 @@ class LocalStack:
         self.api_url_file.write_text(api_url)
         return api_url
 
+    def server_argv(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "taxi_pipeline.prefect_server_start",
+                "--host", "127.0.0.1", "--port", str(port)]
+
     def _spawn_server(self, port: int) -> None:
-        server = self.spawn(
-            "prefect-server",
-            [sys.executable, "-m", "taxi_pipeline.prefect_server_start", "--host", "127.0.0.1",
-             "--port", str(port)],
-        )
+        server = self.spawn("prefect-server", self.server_argv(port))
         assert self.api_url is not None
         wait_healthy(self.api_url, 120, server.process, server.log_path)
 

@@ -86,3 +86,93 @@ def test_a_health_answer_from_someone_else_s_server_is_not_ours() -> None:
         ours.kill()
         ours.wait()
         other.shutdown()
+
+
+# Stand-ins for the Prefect server in the port-race tests: what uvicorn logs when it
+# loses the bind (the line CI printed), and a server that answers /api/health.
+_LOST_BIND = ("import sys; print(\"ERROR | uvicorn.error - [Errno 98] error while attempting "
+              "to bind on address ('127.0.0.1', \" + sys.argv[1] + \"): address already in "
+              "use\"); sys.exit(1)")
+_HEALTHY = """
+import http.server, sys
+class Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"true")
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Healthy).serve_forever()
+"""
+
+
+def _stack_with_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                        scripts: list[str]) -> tuple[object, list[int]]:
+    """A UI stack whose successive "servers" run `scripts`; and the ports they were given."""
+    import sys
+
+    from taxi_pipeline import local_stack
+
+    # The UI's usual port is some free port here: a real `up` elsewhere may hold 4200.
+    monkeypatch.setattr(local_stack, "DEFAULT_UI_PORT", local_stack.free_port())
+    ports: list[int] = []
+
+    def server_argv(self: local_stack.LocalStack, port: int) -> list[str]:
+        ports.append(port)
+        return [sys.executable, "-c", scripts[len(ports) - 1], str(port)]
+
+    monkeypatch.setattr(local_stack.LocalStack, "server_argv", server_argv)
+    settings = Settings(home=tmp_path / "home", prefect_database="sqlite")
+    return local_stack.LocalStack(settings, ui=True), ports
+
+
+def test_a_ui_server_that_loses_the_usual_port_to_a_racing_up_moves_to_a_free_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI lost this race: the usual port was taken at the server's bind and free again
+    when `up` looked a second time (the other stack was stopping). The server's log,
+    not a second look at the port, decides."""
+    from taxi_pipeline import local_stack
+
+    stack, ports = _stack_with_servers(tmp_path, monkeypatch, [_LOST_BIND, _HEALTHY])
+    assert isinstance(stack, local_stack.LocalStack)
+    try:
+        api_url = stack.start_server()
+        assert ports[0] == local_stack.DEFAULT_UI_PORT and ports[1] != ports[0]
+        assert api_url == f"http://127.0.0.1:{ports[1]}/api" == stack.api_url
+        assert stack.env["PREFECT_UI_API_URL"] == api_url
+        assert stack.api_url_file.read_text() == api_url
+        assert [p.name for p in stack.processes] == ["prefect-server"]
+        assert stack.process("prefect-server").alive()
+    finally:
+        stack.stop()
+
+
+def test_a_server_that_fails_for_another_reason_is_not_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stack, ports = _stack_with_servers(
+        tmp_path, monkeypatch,
+        ["import sys; print('database is locked'); sys.exit(1)", _HEALTHY])
+    from taxi_pipeline import local_stack
+
+    assert isinstance(stack, local_stack.LocalStack)
+    try:
+        with pytest.raises(RuntimeError, match="database is locked"):
+            stack.start_server()
+    finally:
+        stack.stop()
+    assert len(ports) == 1
+
+
+def test_only_this_start_s_part_of_the_server_log_counts(tmp_path: Path) -> None:
+    """The log is appended to across `up`s in one home: an old lost race is not news."""
+    from taxi_pipeline.local_stack import lost_port_race
+
+    log = tmp_path / "prefect-server.log"
+    log.write_text("Port 4200 is already in use. Please specify a different port\n")
+    start = log.stat().st_size
+    assert lost_port_race(log, 0, 4200)
+    assert not lost_port_race(log, start, 4200)
+    assert not lost_port_race(log, 0, 4201)
+    with log.open("a") as more:
+        more.write("ERROR | uvicorn.error - [Errno 98] error while attempting to bind on "
+                   "address ('127.0.0.1', 4200): address already in use\n")
+    assert lost_port_race(log, start, 4200)
+    assert not lost_port_race(tmp_path / "missing.log", 0, 4200)
