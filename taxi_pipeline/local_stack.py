@@ -101,6 +101,28 @@ def wait_healthy(api_url: str, timeout: float, process: subprocess.Popen[bytes] 
     )
 
 
+def own_server_client_env(env: dict[str, str]) -> dict[str, str]:
+    """Client settings that skip two handshakes with a server this stack started itself.
+
+    Every flow-run process asks such a server its version (twice: Prefect's HTTP and
+    websocket clients key their once-per-process cache differently) and, in each new
+    client, for a CSRF token the server then refuses, CSRF protection being off by
+    default. That was 4 of about 21 API requests per run in a burst (traced). The
+    server is this very installation of Prefect, so the version check cannot fail;
+    the CSRF exchange is skipped only while nothing can turn the server's protection
+    on (no such variable, no profile chosen: the stack's PREFECT_HOME is its own).
+    A value the user set in the environment is kept.
+    """
+    found = {"PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED":
+             env.get("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", "false")}
+    may_protect = any("CSRF_PROTECTION_ENABLED" in key or key.startswith("PREFECT_PROFILE")
+                      for key in env if key.startswith("PREFECT_"))
+    if not may_protect:
+        found["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] = env.get(
+            "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "false")
+    return found
+
+
 def lost_port_race(log_path: Path, start: int, port: int) -> bool:
     """Whether the server log written from byte `start` says `port` was already taken.
 
@@ -180,6 +202,8 @@ class LocalStack:
     bridge_port: int | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
     database: EmbeddedPostgres | None = None
+    # Whether the server is one this stack started (this installation of Prefect).
+    owns_server: bool = False
 
     @property
     def api_url_file(self) -> Path:
@@ -208,6 +232,8 @@ class LocalStack:
         if self.api_url:
             env["PREFECT_API_URL"] = self.api_url
             env.update(plain_http_api_env(self.api_url, self.settings.home / "run"))
+        if self.owns_server:
+            env.update(own_server_client_env(env))
         env.update(self.env)
         return env
 
@@ -268,6 +294,7 @@ class LocalStack:
             self.api_url = api_url = f"http://127.0.0.1:{port}/api"
             self.env["PREFECT_UI_API_URL"] = api_url
             self._spawn_server(port)
+        self.owns_server = True
         self.api_url_file.write_text(api_url)
         return api_url
 

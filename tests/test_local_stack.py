@@ -176,3 +176,27 @@ def test_only_this_start_s_part_of_the_server_log_counts(tmp_path: Path) -> None
                    "address ('127.0.0.1', 4200): address already in use\n")
     assert lost_port_race(log, start, 4200)
     assert not lost_port_race(tmp_path / "missing.log", 0, 4200)
+
+
+def test_clients_of_a_server_the_stack_started_skip_the_version_and_csrf_handshakes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from taxi_pipeline.local_stack import LocalStack
+
+    for name in [k for k in os.environ if k.startswith("PREFECT_")]:
+        monkeypatch.delenv(name)
+    stack = LocalStack(Settings(home=tmp_path / "home"), api_url="http://127.0.0.1:1/api")
+    skipped = {"PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false",
+               "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "false"}
+    # Someone else's server (PREFECT_API_URL given to `up`): both handshakes stay.
+    assert not skipped.keys() & stack.child_env().keys()
+    stack.owns_server = True
+    assert skipped.items() <= stack.child_env().items()
+    # What the user set wins; a server that may protect against CSRF keeps the exchange.
+    monkeypatch.setenv("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", "true")
+    monkeypatch.setenv("PREFECT_SERVER_CSRF_PROTECTION_ENABLED", "true")
+    env = stack.child_env()
+    assert env["PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED"] == "true"
+    assert "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED" not in env
+    monkeypatch.delenv("PREFECT_SERVER_CSRF_PROTECTION_ENABLED")
+    monkeypatch.setenv("PREFECT_PROFILE", "hardened")
+    assert "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED" not in stack.child_env()
