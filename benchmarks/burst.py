@@ -40,25 +40,27 @@ from taxi_pipeline.local_stack import LocalStack  # noqa: E402
 from taxi_pipeline.settings import Settings  # noqa: E402
 
 
-def cpu_seconds(stack: LocalStack) -> dict[str, float]:
-    """CPU seconds so far of each stack process, with its children (forked runs)."""
-    found: dict[str, float] = {}
-    for managed in stack.processes:
-        try:
-            root = psutil.Process(managed.process.pid)
-            total = sum(root.cpu_times()[:4])  # user, system, reaped children's user, system
-            for child in root.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    total += sum(child.cpu_times()[:4])
-            found[managed.name] = total
-        except psutil.Error:
-            continue
-    postmaster = stack.database.pid if stack.database is not None else None
-    if postmaster is not None:  # the embedded PostgreSQL: postmaster and its backends
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds so far of process `pid` and every process below it."""
+    root = psutil.Process(pid)
+    total = sum(root.cpu_times()[:4])  # user, system, reaped children's user, system
+    for child in root.children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            root = psutil.Process(postmaster)
-            found["postgres"] = sum(root.cpu_times()[:4]) + sum(
-                sum(child.cpu_times()[:2]) for child in root.children())
+            total += sum(child.cpu_times()[:4])
+    return total
+
+
+def cpu_seconds(stack: LocalStack) -> dict[str, float]:
+    """CPU seconds so far of each stack process, with its children (forked runs), and of
+    the embedded PostgreSQL (`postgres`: postmaster and its backends)."""
+    pids = {managed.name: managed.process.pid for managed in stack.processes}
+    postmaster = stack.database.pid if stack.database is not None else None
+    if postmaster is not None:
+        pids["postgres"] = postmaster
+    found: dict[str, float] = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            found[name] = tree_cpu_seconds(pid)
     return found
 
 

@@ -202,8 +202,6 @@ class LocalStack:
     bridge_port: int | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
     database: EmbeddedPostgres | None = None
-    # Whether the server is one this stack started (this installation of Prefect).
-    owns_server: bool = False
 
     @property
     def api_url_file(self) -> Path:
@@ -213,6 +211,15 @@ class LocalStack:
     @property
     def log_dir(self) -> Path:
         return self.settings.home / "logs"
+
+    def log_path(self, name: str) -> Path:
+        """Where the process (or step) `name` writes its log."""
+        return self.log_dir / f"{name}.log"
+
+    @property
+    def owns_server(self) -> bool:
+        """Whether the server is one this stack runs (this installation of Prefect)."""
+        return any(managed.name == "prefect-server" for managed in self.processes)
 
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -239,7 +246,7 @@ class LocalStack:
 
     def spawn(self, name: str, argv: list[str]) -> ManagedProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{name}.log"
+        log_path = self.log_path(name)
         with log_path.open("ab") as log:
             process = subprocess.Popen(
                 argv,
@@ -276,7 +283,7 @@ class LocalStack:
             }
         )
         self.api_url = api_url
-        log_path = self.log_dir / "prefect-server.log"
+        log_path = self.log_path("prefect-server")
         log_start = log_path.stat().st_size if log_path.exists() else 0
         try:
             self._spawn_server(port)
@@ -294,7 +301,6 @@ class LocalStack:
             self.api_url = api_url = f"http://127.0.0.1:{port}/api"
             self.env["PREFECT_UI_API_URL"] = api_url
             self._spawn_server(port)
-        self.owns_server = True
         self.api_url_file.write_text(api_url)
         return api_url
 
@@ -326,7 +332,7 @@ class LocalStack:
 
     def deploy(self) -> None:
         """Register deployments and automations (`python -m deploy`) against the server."""
-        log_path = self.log_dir / "deploy.log"
+        log_path = self.log_path("deploy")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             result = subprocess.run(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from taxi_pipeline.local_stack import bridge_port
+from taxi_pipeline.local_stack import LocalStack, ManagedProcess, bridge_port
 from taxi_pipeline.settings import Settings
 
 
@@ -105,7 +105,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Healthy).serve_forever()
 
 
 def _stack_with_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                        scripts: list[str]) -> tuple[object, list[int]]:
+                        scripts: list[str]) -> tuple[LocalStack, list[int]]:
     """A UI stack whose successive "servers" run `scripts`; and the ports they were given."""
     import sys
 
@@ -115,13 +115,13 @@ def _stack_with_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(local_stack, "DEFAULT_UI_PORT", local_stack.free_port())
     ports: list[int] = []
 
-    def server_argv(self: local_stack.LocalStack, port: int) -> list[str]:
+    def server_argv(self: LocalStack, port: int) -> list[str]:
         ports.append(port)
         return [sys.executable, "-c", scripts[len(ports) - 1], str(port)]
 
-    monkeypatch.setattr(local_stack.LocalStack, "server_argv", server_argv)
+    monkeypatch.setattr(LocalStack, "server_argv", server_argv)
     settings = Settings(home=tmp_path / "home", prefect_database="sqlite")
-    return local_stack.LocalStack(settings, ui=True), ports
+    return LocalStack(settings, ui=True), ports
 
 
 def test_a_ui_server_that_loses_the_usual_port_to_a_racing_up_moves_to_a_free_one(
@@ -132,7 +132,6 @@ def test_a_ui_server_that_loses_the_usual_port_to_a_racing_up_moves_to_a_free_on
     from taxi_pipeline import local_stack
 
     stack, ports = _stack_with_servers(tmp_path, monkeypatch, [_LOST_BIND, _HEALTHY])
-    assert isinstance(stack, local_stack.LocalStack)
     try:
         api_url = stack.start_server()
         assert ports[0] == local_stack.DEFAULT_UI_PORT and ports[1] != ports[0]
@@ -150,9 +149,6 @@ def test_a_server_that_fails_for_another_reason_is_not_retried(
     stack, ports = _stack_with_servers(
         tmp_path, monkeypatch,
         ["import sys; print('database is locked'); sys.exit(1)", _HEALTHY])
-    from taxi_pipeline import local_stack
-
-    assert isinstance(stack, local_stack.LocalStack)
     try:
         with pytest.raises(RuntimeError, match="database is locked"):
             stack.start_server()
@@ -180,7 +176,8 @@ def test_only_this_start_s_part_of_the_server_log_counts(tmp_path: Path) -> None
 
 def test_clients_of_a_server_the_stack_started_skip_the_version_and_csrf_handshakes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from taxi_pipeline.local_stack import LocalStack
+    import subprocess
+    import sys
 
     for name in [k for k in os.environ if k.startswith("PREFECT_")]:
         monkeypatch.delenv(name)
@@ -189,7 +186,11 @@ def test_clients_of_a_server_the_stack_started_skip_the_version_and_csrf_handsha
                "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "false"}
     # Someone else's server (PREFECT_API_URL given to `up`): both handshakes stay.
     assert not skipped.keys() & stack.child_env().keys()
-    stack.owns_server = True
+    # A server the stack runs itself (a finished stand-in process is enough here).
+    stand_in = subprocess.Popen([sys.executable, "-c", "pass"])
+    stand_in.wait()
+    stack.processes.append(ManagedProcess("prefect-server", stand_in, tmp_path / "log"))
+    assert stack.owns_server
     assert skipped.items() <= stack.child_env().items()
     # What the user set wins; a server that may protect against CSRF keeps the exchange.
     monkeypatch.setenv("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", "true")
