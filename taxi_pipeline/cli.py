@@ -93,16 +93,17 @@ Running = list[tuple[str, subprocess.Popen[bytes], Path]]
 
 def _run_until_stopped(processes: Running) -> int:
     """Until SIGINT/SIGTERM (0), or until one of `processes` exits (1)."""
-    print("Running. Press Ctrl-C to stop everything.", flush=True)
     stopping: list[int] = []
 
     def request_stop(signum: int, _frame: object) -> None:
         stopping.append(signum)
 
     # Explicit handlers: a background or supervised process may inherit SIGINT
-    # as ignored, and SIGTERM must stop the children too.
+    # as ignored, and SIGTERM must stop the children too. Installed before
+    # "Running." is printed: a supervisor may signal as soon as it reads it.
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    print("Running. Press Ctrl-C to stop everything.", flush=True)
     while not stopping:
         for name, process, log_path in processes:
             if process.poll() is not None:
