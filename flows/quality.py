@@ -20,6 +20,8 @@ from datetime import datetime, timedelta
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from taxi_pipeline.objects import month_after
+
 # TLC taxi zones are numbered 1..265 (264 "Unknown" and 265 "Outside of NYC" are
 # real zone ids in the lookup table, so they are accepted).
 MIN_LOCATION_ID = 1
@@ -78,9 +80,7 @@ RULES = (
 
 def month_bounds(year: int, month: int) -> tuple[datetime, datetime]:
     """[first instant of the month, first instant of the next month)."""
-    start = datetime(year, month, 1)
-    end = datetime(year + month // 12, month % 12 + 1, 1)
-    return start, end
+    return datetime(year, month, 1), datetime(*month_after(year, month), 1)
 
 
 def _true(mask: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:

@@ -86,6 +86,11 @@ def month_of(name: str) -> tuple[int, int] | None:
     return year, month
 
 
+def month_after(year: int, month: int) -> tuple[int, int]:
+    """(year, month) of the month after this one: the exclusive end of a month's range."""
+    return year + month // 12, month % 12 + 1
+
+
 def folder_year_of(name: str) -> int | None:
     """The year a folder of the name claims (`raw/yellow/2024/...` -> 2024), or None.
 

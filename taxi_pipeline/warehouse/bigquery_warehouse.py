@@ -42,6 +42,7 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
 from taxi_pipeline import gcp_names
+from taxi_pipeline.objects import month_after
 from taxi_pipeline.warehouse.base import LoadResult
 
 LOAD_LOG = "_loads"
@@ -146,7 +147,7 @@ def _month(value: date) -> date:
 
 
 def _next_month(first: date) -> date:
-    return date(first.year + first.month // 12, first.month % 12 + 1, 1)
+    return date(*month_after(first.year, first.month), 1)
 
 
 @dataclass(frozen=True)
