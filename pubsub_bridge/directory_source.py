@@ -14,6 +14,8 @@ truncated file. Only a .parquet file that has stopped changing, that no
 process the bridge can see holds open for writing, and that still has no
 footer after `stall_seconds` is announced (the transform then quarantines it
 as truncated). Where /proc cannot be read, the stall timer alone decides.
+Whatever the path, a file is announced only if its generation is still the
+listed one after every check: a writer finishing mid-check waits a poll.
 
 What can never be announced (a symlink, a directory named *.parquet, a FIFO,
 a name that is not UTF-8, a file that cannot be read or that vanishes before it
@@ -288,6 +290,13 @@ class DirectorySource:
                 return None
             ref = dataclasses.replace(ref, md5_hash=self.store.md5(ref.name))
             ref = self._with_lineage(ref)
+            # The listing's stat, the footer check and the /proc snapshot are
+            # moments apart: a writer finishing between them makes the listed
+            # generation look finished, or abandoned without a footer. Announce only
+            # what is still the listed generation; the next poll sees the new one.
+            if self._changed_since_listed(ref):
+                del self.watching[ref.name]
+                return None
         except Exception as exc:
             del self.watching[ref.name]
             self._reject(_failure(ref, ref.uri, exc), exc)
@@ -296,6 +305,14 @@ class DirectorySource:
         self.in_flight[ref.name] = ref.generation
         self.metrics.received.inc()
         return ref
+
+    def _changed_since_listed(self, ref: ObjectRef) -> bool:
+        current = self.store.ref(ref.name)
+        if (current.generation, current.size) == (ref.generation, ref.size):
+            return False
+        log.info("changed uri=%s generation=%d -> %d while it was checked; the next poll "
+                 "takes the new generation", ref.uri, ref.generation, current.generation)
+        return True
 
     def _with_lineage(self, ref: ObjectRef) -> ObjectRef:
         """`ref` with the footer's lineage in `extra`; unchanged when there is none.

@@ -676,3 +676,81 @@ def test_a_finished_parquet_file_is_announced_at_once_and_an_open_one_settles(
         assert [r.name for r in source.scan(now=0.0)] == [GOOD]
         assert source.scan(now=4.9) == []
         assert [r.name for r in source.scan(now=5.0)] == [BAD]
+
+
+class FinishesAfterListing(LocalStore):
+    """A store whose listing is taken, then `finish` runs, then the listing is returned:
+    a copy that completes between the bridge's stat and its footer check."""
+
+    finish: Callable[[], None] | None = None
+
+    def entries(self, prefix: str) -> Iterator[ObjectRef | NotAnObject]:
+        listed = list(super().entries(prefix))
+        if self.finish is not None and listed:
+            self.finish()
+            self.finish = None
+        yield from listed
+
+
+def test_a_copy_finishing_after_the_listing_is_announced_once_as_its_final_generation(
+    tmp_path: Path, parquet: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pubsub_bridge")
+    store = FinishesAfterListing(tmp_path / "bucket")
+    source = make_source(store, tmp_path, settle=0.5, stall=2.0)
+    path = store.root / BAD
+    path.parent.mkdir(parents=True)
+    half = len(parquet) // 2
+    writer = path.open("wb")
+    writer.write(parquet[:half])
+    writer.flush()
+    stale = store.ref(BAD)
+
+    def finish() -> None:
+        writer.write(parquet[half:])
+        writer.close()
+
+    store.finish = finish
+    # Listed half-written; checked finished (footer, no writer): not the listed generation.
+    assert source.scan(now=0.0) == []
+    assert any(f"generation={stale.generation} ->" in r.getMessage() for r in caplog.records)
+    (ref,) = source.scan(now=0.1)
+    final = store.ref(BAD)
+    assert (ref.generation, ref.size) == (final.generation, len(parquet))
+    assert ref.generation != stale.generation
+    assert ref.md5_hash == store.md5(BAD)
+    assert source.scan(now=10.0) == []
+
+
+def test_a_writer_finishing_between_the_footer_check_and_proc_is_not_announced_truncated(
+    store: LocalStore, tmp_path: Path, parquet: bytes
+) -> None:
+    """Seen in CI: past the stall limit, no footer yet; the writer then writes the rest
+    and closes before /proc is read, so nobody holds it. Not a truncated file."""
+    writers = OpenForWriting(store.root)
+    real = writers.snapshot
+    path = store.root / BAD
+    path.parent.mkdir(parents=True)
+    half = len(parquet) // 2
+    writer = path.open("wb")
+    writer.write(parquet[:half])
+    writer.flush()
+    finish_first: list[bool] = []
+
+    def snapshot() -> dict[str, set[int]] | None:
+        if finish_first and not writer.closed:
+            writer.write(parquet[half:])
+            writer.close()
+        return real()
+
+    writers.snapshot = snapshot  # type: ignore[method-assign]
+    source = make_source(store, tmp_path, settle=0.5, stall=2.0, writers=writers)
+    try:
+        assert source.scan(now=0.0) == []
+        assert source.scan(now=2.5) == []  # held open past the stall limit: waits
+        finish_first.append(True)
+        assert source.scan(now=3.0) == []  # listed half-written, finished meanwhile
+        (ref,) = source.scan(now=3.1)
+    finally:
+        writer.close()
+    assert (ref.generation, ref.size) == (store.ref(BAD).generation, len(parquet))
