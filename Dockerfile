@@ -20,13 +20,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
-COPY pyproject.toml README.md deploy.py ./
+COPY pyproject.toml README.md deploy.py constraints.txt ./
 COPY taxi_pipeline/ taxi_pipeline/
 COPY flows/ flows/
 COPY pubsub_bridge/ pubsub_bridge/
 COPY automations/ automations/
-# A regular (non-editable) install without extras: runtime dependencies only.
-RUN /opt/venv/bin/pip install --no-cache-dir . \
+# A regular (non-editable) install without extras: runtime dependencies only, at the
+# exact versions the tests ran on (constraints.txt, written by scripts/lock.sh).
+RUN /opt/venv/bin/pip install --no-cache-dir -c constraints.txt . \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 # --- runtime: the virtualenv, a non-root user, nothing else ------------------------

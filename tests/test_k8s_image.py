@@ -85,6 +85,8 @@ def test_only_runtime_dependencies_are_installed() -> None:
     assert len(installs) == 1, installs
     words = shlex.split(installs[0].split("&&")[0])
     assert words[-1] == ".", "the project itself, without extras (no [dev])"
+    # at the versions the tests ran on
+    assert words[words.index("-c") + 1] == "constraints.txt", words
     assert "--no-cache-dir" in words and "-e" not in words and "--editable" not in words
 
 
@@ -170,11 +172,12 @@ def assert_in_image(module: str, context: set[str]) -> None:
 
 
 def test_the_context_has_what_the_build_needs_and_nothing_else(context: set[str]) -> None:
-    assert {"pyproject.toml", "README.md", "deploy.py"} <= context
+    files = {"pyproject.toml", "README.md", "deploy.py", "constraints.txt"}
+    assert files <= context
     for package in PYPROJECT["tool"]["setuptools"]["packages"]:
         assert f"{package}/__init__.py" in context, package
     tops = {path.split("/")[0] for path in context}
-    assert tops <= installed_modules() | {"pyproject.toml", "README.md", "deploy.py"}, tops
+    assert tops <= installed_modules() | files, tops
     assert not any("__pycache__" in path or path.endswith(".pyc") for path in context)
     # Every COPY source of the build stage exists in the context.
     for name, args in instructions():

@@ -95,6 +95,8 @@ def test_deploy_builds_keyless_tags_by_sha_and_runs_deploy() -> None:
     assert '--tag "${REPOSITORY}:${SHA}"' in build["run"]
     assert 'docker push "${REPOSITORY}:${SHA}"' in build["run"]
     deploy_runs = "\n".join(s.get("run", "") for s in jobs["deploy"]["steps"])
+    # deploy.py runs on the pinned versions, as the image and the tests do
+    assert "pip install --no-cache-dir -c constraints.txt ." in deploy_runs
     assert 'python -m deploy --image "$IMAGE"' in deploy_runs
     assert jobs["deploy"]["env"]["IMAGE"] == "${{ needs.image.outputs.image }}"
     register = next(s for s in jobs["deploy"]["steps"] if "python -m deploy" in s.get("run", ""))
