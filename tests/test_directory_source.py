@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 from uuid import UUID
 
 import pyarrow as pa
@@ -678,6 +680,29 @@ def test_a_finished_parquet_file_is_announced_at_once_and_an_open_one_settles(
         assert [r.name for r in source.scan(now=5.0)] == [BAD]
 
 
+@dataclasses.dataclass
+class HalfWritten:
+    """A copy of BAD written half-way and held open; `finish` writes the rest and closes."""
+
+    handle: BinaryIO
+    rest: bytes
+
+    def finish(self) -> None:
+        if not self.handle.closed:
+            self.handle.write(self.rest)
+            self.handle.close()
+
+
+def half_written(store: LocalStore, data: bytes) -> HalfWritten:
+    path = store.root / BAD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    half = len(data) // 2
+    handle = path.open("wb")
+    handle.write(data[:half])
+    handle.flush()
+    return HalfWritten(handle, data[half:])
+
+
 class FinishesAfterListing(LocalStore):
     """A store whose listing is taken, then `finish` runs, then the listing is returned:
     a copy that completes between the bridge's stat and its footer check."""
@@ -698,19 +723,9 @@ def test_a_copy_finishing_after_the_listing_is_announced_once_as_its_final_gener
     caplog.set_level(logging.INFO, logger="pubsub_bridge")
     store = FinishesAfterListing(tmp_path / "bucket")
     source = make_source(store, tmp_path, settle=0.5, stall=2.0)
-    path = store.root / BAD
-    path.parent.mkdir(parents=True)
-    half = len(parquet) // 2
-    writer = path.open("wb")
-    writer.write(parquet[:half])
-    writer.flush()
+    copy = half_written(store, parquet)
     stale = store.ref(BAD)
-
-    def finish() -> None:
-        writer.write(parquet[half:])
-        writer.close()
-
-    store.finish = finish
+    store.finish = copy.finish
     # Listed half-written; checked finished (footer, no writer): not the listed generation.
     assert source.scan(now=0.0) == []
     assert any(f"generation={stale.generation} ->" in r.getMessage() for r in caplog.records)
@@ -729,18 +744,12 @@ def test_a_writer_finishing_between_the_footer_check_and_proc_is_not_announced_t
     and closes before /proc is read, so nobody holds it. Not a truncated file."""
     writers = OpenForWriting(store.root)
     real = writers.snapshot
-    path = store.root / BAD
-    path.parent.mkdir(parents=True)
-    half = len(parquet) // 2
-    writer = path.open("wb")
-    writer.write(parquet[:half])
-    writer.flush()
+    copy = half_written(store, parquet)
     finish_first: list[bool] = []
 
     def snapshot() -> dict[str, set[int]] | None:
-        if finish_first and not writer.closed:
-            writer.write(parquet[half:])
-            writer.close()
+        if finish_first:
+            copy.finish()
         return real()
 
     writers.snapshot = snapshot  # type: ignore[method-assign]
@@ -752,5 +761,5 @@ def test_a_writer_finishing_between_the_footer_check_and_proc_is_not_announced_t
         assert source.scan(now=3.0) == []  # listed half-written, finished meanwhile
         (ref,) = source.scan(now=3.1)
     finally:
-        writer.close()
+        copy.handle.close()
     assert (ref.generation, ref.size) == (store.ref(BAD).generation, len(parquet))
