@@ -20,5 +20,9 @@ trap 'rm -rf "$work"' EXIT
   echo "# run scripts/lock.sh, then scripts/test.sh."
   "$work/venv/bin/pip" freeze --disable-pip-version-check --exclude taxi-pipeline
 } > constraints.txt.new
+# What moved, for the commit message and the review: "< old" and "> new" pins.
+changes=$(diff <(grep -v '^#' constraints.txt 2>/dev/null || true) \
+               <(grep -v '^#' constraints.txt.new) | grep '^[<>]' || true)
 mv constraints.txt.new constraints.txt
 echo "wrote constraints.txt ($(grep -c '==' constraints.txt) pins)"
+if [ -n "$changes" ]; then echo "$changes"; else echo "no version changed"; fi
