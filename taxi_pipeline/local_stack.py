@@ -288,12 +288,13 @@ class LocalStack:
         try:
             self._spawn_server(port)
         except RuntimeError:
-            if not self.ui or not lost_port_race(log_path, log_start, port):
+            if not lost_port_race(log_path, log_start, port):
                 raise
-            # The UI's usual port was taken between our check and the server's bind
-            # (another `up` starting at the same moment): any free port will do.
-            # The server's own log decides, not a second look at the port: the other
-            # holder may be gone by then (a stack stopping), which is how CI lost it.
+            # The port was taken between our check and the server's bind (another
+            # `up` starting at the same moment wanting 4200, or anything taking the
+            # free port we picked): any free port will do. The server's own log
+            # decides, not a second look at the port: the other holder may be gone
+            # by then (a stack stopping), which is how CI lost it.
             failed = self.process("prefect-server")
             failed.stop(grace=5.0)
             self.processes.remove(failed)
