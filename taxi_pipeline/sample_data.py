@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from taxi_pipeline.objects import raw_object_name, tlc_file_name
+from taxi_pipeline.objects import month_after, raw_object_name, tlc_file_name
 
 __all__ = ["SampleMonth", "generate_month", "raw_object_name", "tlc_file_name", "write_month"]
 
@@ -74,7 +74,7 @@ def generate_month(
     era = era or era_of(year)
     rng = np.random.default_rng(seed)
     start = np.datetime64(datetime(year, month, 1), "us")
-    end = np.datetime64(datetime(year + month // 12, month % 12 + 1, 1), "us")
+    end = np.datetime64(datetime(*month_after(year, month), 1), "us")
     span_us = int((end - start) / np.timedelta64(1, "us"))
 
     pickup = start + rng.integers(0, span_us, rows).astype("timedelta64[us]")
