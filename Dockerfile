@@ -3,7 +3,7 @@
 # One image for every process of the pipeline; Kubernetes picks the command:
 #   bridge       python -m pubsub_bridge
 #   worker       prefect worker start --pool taxi-kubernetes --type kubernetes --with-healthcheck
-#   server       python -m taxi_pipeline.prefect_server_start   (`prefect server start`
+#   server       python -m taxi_pipeline.stack.prefect_server_start   (`prefect server start`
 #                with a memoised app lookup; prefect-redis is a dependency)
 #   flow runs    prefect flow-run execute        (set by the kubernetes worker as `args`)
 #   deploy (CI)  python -m deploy --image IMAGE

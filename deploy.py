@@ -89,12 +89,12 @@ def process_base_job_template(settings: Settings) -> dict[str, Any]:
 
     `taxi-pipeline up` starts a fork server that keeps Prefect and the flows imported
     and sets TAXI_WARM_RUNS_SOCKET; each run then starts in milliseconds instead of
-    paying a new interpreter's imports (taxi_pipeline/warm_runs.py). The launcher
+    paying a new interpreter's imports (taxi_pipeline/stack/warm_runs.py). The launcher
     falls back to a normal cold start when the fork server is not running.
     """
     from prefect.workers.process import ProcessWorker
 
-    from taxi_pipeline.warm_runs import process_pool_template
+    from taxi_pipeline.stack.warm_runs import process_pool_template
 
     if settings.warm_runs_socket:
         return process_pool_template(Path(settings.warm_runs_socket))

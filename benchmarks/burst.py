@@ -36,8 +36,8 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName  # noqa: E
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 from support.burst import drop_all, make_burst, wait_all_loaded  # noqa: E402
 
-from taxi_pipeline.local_stack import LocalStack  # noqa: E402
 from taxi_pipeline.settings import Settings  # noqa: E402
+from taxi_pipeline.stack.local import LocalStack  # noqa: E402
 
 
 def tree_cpu_seconds(pid: int) -> float:

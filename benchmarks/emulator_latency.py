@@ -28,9 +28,9 @@ from pathlib import Path
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from taxi_pipeline.emulator_stack import emulator_stack
-from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.stack.emulator import emulator_stack
 from taxi_pipeline.warehouse import warehouse_from_settings
 
 PROJECT, BUCKET = "taxi-latency", "taxi-latency-bucket"

@@ -50,10 +50,10 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from taxi_pipeline import events
 from taxi_pipeline.cli import wait_for_load
-from taxi_pipeline.local_stack import LocalStack
 from taxi_pipeline.objects import ObjectRef, raw_object_name, sibling_name
-from taxi_pipeline.sample_data import generate_month, write_month
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.sources.sample_data import generate_month, write_month
+from taxi_pipeline.stack.local import LocalStack
 from taxi_pipeline.storage.local import LocalStore
 
 HOPS = [

@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def run_ours(source: Path, out_dir: Path) -> dict[str, float]:
-    from flows.transform_core import transform_parquet
+    from taxi_pipeline.transform.streaming import transform_parquet
 
     start = time.perf_counter()
     stats = transform_parquet(
@@ -71,7 +71,7 @@ def main() -> None:
         child(*args.child)
         return
 
-    from taxi_pipeline.sample_data import generate_month, write_month
+    from taxi_pipeline.sources.sample_data import generate_month, write_month
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

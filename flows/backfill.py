@@ -1,6 +1,6 @@
 """Backfill flow: download a range of TLC months into raw/, a few at once.
 
-The same work as `taxi-pipeline backfill` (`taxi_pipeline.backfill.run_backfill`),
+The same work as `taxi-pipeline backfill` (`taxi_pipeline.ops.backfill.run_backfill`),
 run by Prefect: each month's outcome is a log line and a `pipeline.download.*`
 event, a progress artifact follows the count, and a table artifact holds the
 summary. The run fails when any month failed (after its retries), naming them.
@@ -21,16 +21,16 @@ from prefect.artifacts import (
 )
 
 from flows.download import emit_outcome
-from taxi_pipeline.backfill import progress_line, run_backfill
+from taxi_pipeline.ops.backfill import progress_line, run_backfill
 from taxi_pipeline.settings import get_settings
-from taxi_pipeline.storage import store_from_settings
-from taxi_pipeline.tlc_download import (
+from taxi_pipeline.sources.tlc_download import (
     FAILED,
     MonthResult,
     default_month,
     month_range,
     parse_datasets,
 )
+from taxi_pipeline.storage import store_from_settings
 
 
 @flow(name="backfill")

@@ -2,7 +2,7 @@
 
 Idempotent: a month already in the bucket is skipped, and the object is
 written with "only if absent", so two overlapping runs cannot both write it.
-Each month goes through `taxi_pipeline.tlc_download.fetch_month` (as the backfill
+Each month goes through `taxi_pipeline.sources.tlc_download.fetch_month` (as the backfill
 does): streamed to the store's temporary path and verified as parquet (magic bytes
 and footer metadata) before it is published, so an error page or a cut-off body
 never appears under raw/.
@@ -19,8 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.common import emit
 from taxi_pipeline import events
 from taxi_pipeline.settings import Settings, get_settings
-from taxi_pipeline.storage import ObjectStore, store_from_settings
-from taxi_pipeline.tlc_download import (
+from taxi_pipeline.sources.tlc_download import (
     FAILED,
     LANDED,
     NOT_PUBLISHED,
@@ -31,6 +30,7 @@ from taxi_pipeline.tlc_download import (
     month_object_name,
     planned_ref,
 )
+from taxi_pipeline.storage import ObjectStore, store_from_settings
 
 # What the task returns for each outcome of `fetch_month` (the names the flow always used).
 RETURNS = {LANDED: "downloaded", PRESENT: "exists", NOT_PUBLISHED: "not_published"}

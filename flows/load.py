@@ -20,8 +20,8 @@ from flows.common import (
     retry_unless,
     transient,
 )
-from flows.tlc_schema import CANONICAL_SCHEMA
 from taxi_pipeline import events
+from taxi_pipeline.datasets.schema import CANONICAL_SCHEMA
 from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.settings import get_settings

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
 
-from taxi_pipeline.reconcile import reconcile as reconcile_pass
+from taxi_pipeline.ops.reconcile import reconcile as reconcile_pass
 from taxi_pipeline.settings import get_settings
 
 

@@ -32,13 +32,13 @@ from flows.common import (
     retry_unless,
     transient,
 )
-from flows.transform_core import BadInputFile, TransformStats, transform_parquet
 from taxi_pipeline import events
 from taxi_pipeline.content_twins import content_hash, earlier_twin
 from taxi_pipeline.lineage import NotAProcessedObject, lineage_extra, source_of
 from taxi_pipeline.objects import ObjectRef, dataset_of, folder_year_of, month_of, sibling_name
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore
+from taxi_pipeline.transform.streaming import BadInputFile, TransformStats, transform_parquet
 from taxi_pipeline.warehouse import warehouse_from_settings
 
 

@@ -32,7 +32,7 @@ from pubsub_bridge.notifications import Ignored, Rejected, Scope, parse_notifica
 from pubsub_bridge.relay import Relay, Submission
 from taxi_pipeline import events
 from taxi_pipeline.event_delivery import EventDelivery
-from taxi_pipeline.gcp_clients import subscriber_client
+from taxi_pipeline.gcp.clients import subscriber_client
 from taxi_pipeline.settings import Settings
 
 log = logging.getLogger(__name__)

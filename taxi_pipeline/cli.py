@@ -27,10 +27,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from taxi_pipeline.local_stack import LocalStack
 from taxi_pipeline.objects import ObjectRef, sibling_name
-from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings, SettingsError, get_settings
+from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.stack.local import LocalStack
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
 from taxi_pipeline.warehouse import warehouse_from_settings
 
@@ -60,7 +60,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 def raw_dataset_dirs(settings: Settings) -> list[Path]:
     """`raw/<dataset>/` for every dataset the transform knows, created if missing."""
-    from taxi_pipeline.tlc_download import DATASETS
+    from taxi_pipeline.sources.tlc_download import DATASETS
 
     made = [settings.bucket_dir / settings.raw_prefix / dataset for dataset in DATASETS]
     for path in made:
@@ -120,7 +120,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _require_up_profile(settings, "up")
     signal.signal(signal.SIGTERM, _interrupt)
     if settings.profile == "emulator":
-        from taxi_pipeline.emulator_stack import emulator_stack
+        from taxi_pipeline.stack.emulator import emulator_stack
 
         print("Starting the emulator profile (Pub/Sub emulator, fake-gcs-server, BigQuery "
               "emulator, Prefect server, worker, bridge)...", flush=True)
@@ -191,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         source = write_month(sample, Path(tmp) / "yellow_tripdata_2024-01.parquet")
         if settings.profile == "emulator":
-            from taxi_pipeline.emulator_stack import emulator_stack
+            from taxi_pipeline.stack.emulator import emulator_stack
 
             print("Starting the emulator profile (Pub/Sub emulator, fake-gcs-server, BigQuery "
                   "emulator, Prefect server, worker, bridge)...", flush=True)
@@ -276,7 +276,7 @@ def _with_api(settings: Settings, coroutine: Coroutine[Any, Any, int]) -> int:
 
 def cmd_reemit(args: argparse.Namespace) -> int:
     """Re-emit `storage.object.finalized` (fresh id, reemit label): run the chain again."""
-    from taxi_pipeline.reemit import parse_when, reemit
+    from taxi_pipeline.ops.reemit import parse_when, reemit
 
     settings = _valid_settings()
     if not (args.objects or args.stage or args.since or args.until or args.event_id):
@@ -296,7 +296,7 @@ def cmd_reemit(args: argparse.Namespace) -> int:
 
 
 async def _reconcile(settings: Settings, older_than: timedelta, dry_run: bool) -> int:
-    from taxi_pipeline.reconcile import reconcile
+    from taxi_pipeline.ops.reconcile import reconcile
 
     report = await reconcile(settings, older_than, dry_run)
     for item in report.stalled:
@@ -324,11 +324,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """One object's story, or the board of every object under a prefix."""
-    from taxi_pipeline.status_board import status
+    from taxi_pipeline.ops.status_board import status
 
     settings = _valid_settings()
     if args.follow:
-        from taxi_pipeline.status_board import follow
+        from taxi_pipeline.ops.status_board import follow
 
         try:
             return _with_api(settings, follow(settings, args.object))
@@ -342,8 +342,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     """Download a range of TLC months into raw/; no Prefect server needed."""
-    from taxi_pipeline.backfill import backfill_in_console
-    from taxi_pipeline.tlc_download import default_month, month_range, parse_datasets
+    from taxi_pipeline.ops.backfill import backfill_in_console
+    from taxi_pipeline.sources.tlc_download import default_month, month_range, parse_datasets
 
     settings = _valid_settings()
     try:
@@ -365,7 +365,7 @@ def cmd_gcp_setup(args: argparse.Namespace) -> int:
     # Before the Google clients are even imported: a bad name fails here, in
     # seconds, instead of at the first load.
     settings.validate_for_profile()
-    from taxi_pipeline.gcp_setup import setup
+    from taxi_pipeline.gcp.setup import setup
 
     for line in setup(settings):
         print(line)
@@ -378,7 +378,7 @@ def _dead_letter_queue() -> Any:
         raise SystemExit("`taxi-pipeline dead-letters` reads Pub/Sub: it needs TAXI_PROFILE=gcp "
                          "(or emulator) and TAXI_GCP_PROJECT")
     settings.validate_for_profile(optional=("bucket",))
-    from taxi_pipeline.dead_letters import DeadLetterQueue
+    from taxi_pipeline.ops.dead_letters import DeadLetterQueue
 
     return DeadLetterQueue(settings)
 

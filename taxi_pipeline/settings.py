@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from taxi_pipeline import gcp_names
+from taxi_pipeline.gcp import names as gcp_names
 
 Profile = Literal["local", "emulator", "gcp"]
 

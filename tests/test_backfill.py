@@ -24,12 +24,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from taxi_pipeline import events
-from taxi_pipeline.backfill import run_backfill
 from taxi_pipeline.cli import main
-from taxi_pipeline.sample_data import generate_month
+from taxi_pipeline.ops.backfill import run_backfill
 from taxi_pipeline.settings import Settings, get_settings
-from taxi_pipeline.storage.local import LocalStore
-from taxi_pipeline.tlc_download import (
+from taxi_pipeline.sources.sample_data import generate_month
+from taxi_pipeline.sources.tlc_download import (
     FAILED,
     LANDED,
     NOT_PUBLISHED,
@@ -39,6 +38,7 @@ from taxi_pipeline.tlc_download import (
     month_range,
     parse_datasets,
 )
+from taxi_pipeline.storage.local import LocalStore
 
 HTML_PAGE = (b"<!DOCTYPE html><html><head><title>Service Unavailable</title></head>"
              b"<body><h1>We'll be back soon</h1></body></html>")

@@ -31,10 +31,10 @@ from support.emulators import (
     fake_gcs_server,
 )
 
-from flows.tlc_schema import CANONICAL_SCHEMA
-from flows.transform_core import transform_parquet
-from taxi_pipeline.sample_data import generate_month, write_month
+from taxi_pipeline.datasets.schema import CANONICAL_SCHEMA
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.sources.sample_data import generate_month, write_month
+from taxi_pipeline.transform.streaming import transform_parquet
 from taxi_pipeline.warehouse import LoadResult, warehouse_from_settings
 from taxi_pipeline.warehouse.bigquery_warehouse import (
     LOAD_LOG,
@@ -512,7 +512,7 @@ def test_warehouse_from_settings(stack: Stack, monkeypatch: pytest.MonkeyPatch) 
     assert warehouse.table_uri("trips") == f"bigquery://{PROJECT}.from_settings.trips"
     assert warehouse.loaded("trips", YELLOW_URI) is None  # talks to the emulator
 
-    monkeypatch.setattr("taxi_pipeline.gcp_clients.credentials",
+    monkeypatch.setattr("taxi_pipeline.gcp.clients.credentials",
                         lambda settings: AnonymousCredentials())
     gcp = warehouse_from_settings(Settings(profile="gcp", gcp_project="prod-project",
                                            bq_dataset="taxi", bq_location="EU"))

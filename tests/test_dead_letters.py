@@ -19,8 +19,9 @@ from google.pubsub_v1.types import DeadLetterPolicy, RetryPolicy, Subscription
 from support.emulators import emulators_available, pubsub_emulator
 from support.pubsub import drain
 
-from taxi_pipeline import cli, dead_letters
-from taxi_pipeline.dead_letters import DeadLetterQueue
+from taxi_pipeline import cli
+from taxi_pipeline.ops import dead_letters
+from taxi_pipeline.ops.dead_letters import DeadLetterQueue
 from taxi_pipeline.settings import Settings, get_settings
 
 PROJECT = "taxi-dead-letters"

@@ -11,9 +11,9 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from flows.tlc_schema import CANONICAL_SCHEMA
-from flows.transform_core import transform_parquet
-from taxi_pipeline.sample_data import generate_month, write_month
+from taxi_pipeline.datasets.schema import CANONICAL_SCHEMA
+from taxi_pipeline.sources.sample_data import generate_month, write_month
+from taxi_pipeline.transform.streaming import transform_parquet
 from taxi_pipeline.warehouse.duckdb_warehouse import LOAD_LOG, DuckDBWarehouse
 
 TABLE = "trips"

@@ -27,9 +27,9 @@ import pytest
 from support.local_e2e import read_events, running_stack, wait_events, wait_loaded
 
 from taxi_pipeline import events
-from taxi_pipeline.local_stack import LocalStack
-from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.stack.local import LocalStack
 from taxi_pipeline.storage.local import LocalStore
 from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 

@@ -24,7 +24,7 @@ from support.burst import (
     wait_all_loaded,
 )
 
-from taxi_pipeline.local_stack import LocalStack
+from taxi_pipeline.stack.local import LocalStack
 
 pytestmark = pytest.mark.e2e
 

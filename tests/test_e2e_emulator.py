@@ -2,7 +2,7 @@
 Pub/Sub emulator to the bridge, automations running transform and load on a process
 worker, rows landing in BigQuery (bqemulator); the Prefect server runs on the embedded
 PostgreSQL. The stack is the one `TAXI_PROFILE=emulator taxi-pipeline up` starts
-(taxi_pipeline.emulator_stack); tests/test_e2e_emulator_up.py runs `up` itself.
+(taxi_pipeline.stack.emulator); tests/test_e2e_emulator_up.py runs `up` itself.
 """
 
 from __future__ import annotations
@@ -29,11 +29,16 @@ from support.local_e2e import (
 )
 
 from taxi_pipeline import events
-from taxi_pipeline.emulator_stack import emulator_stack
-from taxi_pipeline.emulators import emulators_available
-from taxi_pipeline.local_stack import LocalStack, port_of
-from taxi_pipeline.sample_data import SampleMonth, generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.sources.sample_data import (
+    SampleMonth,
+    generate_month,
+    raw_object_name,
+    write_month,
+)
+from taxi_pipeline.stack.emulator import emulator_stack
+from taxi_pipeline.stack.emulators import emulators_available
+from taxi_pipeline.stack.local import LocalStack, port_of
 from taxi_pipeline.warehouse import Warehouse, warehouse_from_settings
 
 pytestmark = pytest.mark.e2e

@@ -15,9 +15,9 @@ from google.cloud import storage
 from support.emulator_up import RunningUp, start_emulator_up
 from support.local_e2e import stop_up, wait_warehouse_loaded
 
-from taxi_pipeline.emulators import emulators_available
-from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.stack.emulators import emulators_available
 from taxi_pipeline.warehouse import Warehouse, warehouse_from_settings
 
 pytestmark = pytest.mark.e2e

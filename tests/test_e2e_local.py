@@ -29,14 +29,14 @@ from support.local_e2e import (
     wait_loaded,
 )
 
-from flows.transform_core import transform_parquet
 from taxi_pipeline import events
 from taxi_pipeline.event_delivery import EventDelivery
-from taxi_pipeline.local_stack import LocalStack
 from taxi_pipeline.objects import month_of, sibling_name
-from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.stack.local import LocalStack
 from taxi_pipeline.storage.local import LocalStore
+from taxi_pipeline.transform.streaming import transform_parquet
 from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 
 pytestmark = pytest.mark.e2e
@@ -255,7 +255,7 @@ def test_reemit_by_prefix_dry_run_event_id_and_a_missing_name(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from taxi_pipeline.cli import main
-    from taxi_pipeline.reemit import ORIGINAL_ROLE
+    from taxi_pipeline.ops.reemit import ORIGINAL_ROLE
 
     settings = use_stack_settings(stack, monkeypatch)
     store = LocalStore(settings.bucket_dir)

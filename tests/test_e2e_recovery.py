@@ -45,9 +45,9 @@ from support.local_e2e import (
 from automations.apply import apply_automations
 from automations.definitions import ALERT_FAILED_RUN, RAW_LANDED, pipeline_automations
 from taxi_pipeline import events
-from taxi_pipeline.local_stack import LocalStack
-from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.stack.local import LocalStack
 from taxi_pipeline.storage.local import LocalStore
 
 pytestmark = pytest.mark.e2e

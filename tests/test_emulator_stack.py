@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from taxi_pipeline import emulators
 from taxi_pipeline.cli import main
-from taxi_pipeline.emulator_stack import DEFAULT_BUCKET, DEFAULT_PROJECT, emulator_settings
 from taxi_pipeline.settings import Settings, get_settings
+from taxi_pipeline.stack import emulators
+from taxi_pipeline.stack.emulator import DEFAULT_BUCKET, DEFAULT_PROJECT, emulator_settings
 
 
 def never(*_args: object, **_kwargs: object) -> None:
@@ -24,7 +24,7 @@ def emulator_profile(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("TAXI_GCP_PROJECT", raising=False)
     monkeypatch.delenv("TAXI_BUCKET", raising=False)
     get_settings.cache_clear()
-    monkeypatch.setattr("taxi_pipeline.emulator_stack.pubsub_emulator", never)
+    monkeypatch.setattr("taxi_pipeline.stack.emulator.pubsub_emulator", never)
     monkeypatch.setattr("taxi_pipeline.cli.LocalStack", never)
     yield
     get_settings.cache_clear()

@@ -11,8 +11,9 @@ from google.api_core import exceptions as google_exceptions
 from google.iam.v1 import policy_pb2
 from support.emulators import emulators_available, fake_gcs_server, pubsub_emulator
 
-from taxi_pipeline import gcp_clients, gcp_setup
-from taxi_pipeline.gcp_setup import EMULATOR_NO_NOTIFICATIONS, setup
+from taxi_pipeline.gcp import clients as gcp_clients
+from taxi_pipeline.gcp import setup as gcp_setup
+from taxi_pipeline.gcp.setup import EMULATOR_NO_NOTIFICATIONS, setup
 from taxi_pipeline.settings import Settings
 
 PROJECT = "taxi-setup"

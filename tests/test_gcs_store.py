@@ -18,17 +18,17 @@ import pytest
 from google.cloud import storage
 from support.emulators import emulators_available, fake_gcs_server
 
-from flows.tlc_schema import CANONICAL_SCHEMA
 from flows.transform import transform_object
-from flows.transform_core import BadInputFile, transform_parquet
-from taxi_pipeline import gcp_clients
+from taxi_pipeline.datasets.schema import CANONICAL_SCHEMA
 from taxi_pipeline.events import EXTRA_SOURCE_GENERATION
+from taxi_pipeline.gcp import clients as gcp_clients
 from taxi_pipeline.lineage import METADATA_SOURCE_GENERATION
 from taxi_pipeline.objects import ObjectRef, sibling_name
-from taxi_pipeline.sample_data import generate_month, tlc_file_name, write_month
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.sources.sample_data import generate_month, tlc_file_name, write_month
 from taxi_pipeline.storage import ObjectNotFound, PreconditionFailed, store_from_settings
 from taxi_pipeline.storage.gcs import READ_CHUNK_BYTES, GcsStore
+from taxi_pipeline.transform.streaming import BadInputFile, transform_parquet
 
 PROJECT = "taxi-test"
 BUCKET = "taxi-gcs-store"

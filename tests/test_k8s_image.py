@@ -15,7 +15,9 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +151,42 @@ def context() -> set[str]:
     return build_context()
 
 
+@pytest.fixture(scope="module")
+def wheel_files(context: set[str], tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """The files of the wheel the image's `pip install .` builds, built from the build
+    context alone (what `docker build .` sends), with build isolation as in the image."""
+    source = tmp_path_factory.mktemp("context")
+    for path in context:
+        (source / path).parent.mkdir(parents=True, exist_ok=True)
+        (source / path).write_bytes((REPO / path).read_bytes())
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                    "--disable-pip-version-check", "-w", str(out), str(source)],
+                   check=True, timeout=300)
+    (wheel,) = out.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        return {name for name in archive.namelist() if ".dist-info/" not in name}
+
+
 def installed_modules() -> set[str]:
     """Top-level packages and modules the project installs (pyproject [tool.setuptools])."""
     tool = PYPROJECT["tool"]["setuptools"]
-    return set(tool.get("packages", [])) | set(tool.get("py-modules", []))
+    found = tool.get("packages", {"find": None})
+    packages = set(found) if isinstance(found, list) else {
+        pattern.rstrip("*") for pattern in found["find"]["include"]}
+    return packages | set(tool.get("py-modules", []))
+
+
+def test_the_wheel_holds_every_module_of_the_project(wheel_files: set[str]) -> None:
+    """A subpackage left out of the wheel is missing from the image (a plain `packages`
+    list installs only the top level); every tracked module of the project is in it."""
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.split()
+    ours = {path for path in tracked if path.split("/")[0] in installed_modules()
+            or path in {f"{m}.py" for m in installed_modules()}}
+    assert {"taxi_pipeline/storage/gcs.py", "taxi_pipeline/ops/reemit.py"} <= ours
+    missing = sorted(ours - wheel_files)
+    assert not missing, f"not in the wheel, so not in the image: {missing}"
 
 
 def module_file(module: str) -> str:
@@ -174,7 +208,7 @@ def assert_in_image(module: str, context: set[str]) -> None:
 def test_the_context_has_what_the_build_needs_and_nothing_else(context: set[str]) -> None:
     files = {"pyproject.toml", "README.md", "deploy.py", "constraints.txt"}
     assert files <= context
-    for package in PYPROJECT["tool"]["setuptools"]["packages"]:
+    for package in installed_modules() - set(PYPROJECT["tool"]["setuptools"]["py-modules"]):
         assert f"{package}/__init__.py" in context, package
     tops = {path.split("/")[0] for path in context}
     assert tops <= installed_modules() | files, tops

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from taxi_pipeline.local_stack import LocalStack, ManagedProcess, bridge_port
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.stack.local import LocalStack, ManagedProcess, bridge_port
 
 
 def test_an_explicit_bridge_port_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,7 +35,7 @@ def test_without_one_up_prefers_the_default_and_headless_stacks_take_any() -> No
 def test_a_plain_http_api_gets_a_one_certificate_ca_file(tmp_path: Path) -> None:
     import ssl
 
-    from taxi_pipeline.local_stack import plain_http_api_env
+    from taxi_pipeline.stack.local import plain_http_api_env
 
     assert plain_http_api_env("https://prefect.example.com/api", tmp_path) == {}
     env = plain_http_api_env("http://127.0.0.1:4200/api", tmp_path)
@@ -47,7 +47,7 @@ def test_a_plain_http_api_gets_a_one_certificate_ca_file(tmp_path: Path) -> None
 
 
 def test_listens_on_sees_this_process_s_listening_socket() -> None:
-    from taxi_pipeline.local_stack import listens_on
+    from taxi_pipeline.stack.local import listens_on
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -64,7 +64,7 @@ def test_a_health_answer_from_someone_else_s_server_is_not_ours() -> None:
     import sys
     import threading
 
-    from taxi_pipeline.local_stack import wait_healthy
+    from taxi_pipeline.stack.local import wait_healthy
 
     class Healthy(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -109,7 +109,7 @@ def _stack_with_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     """A stack whose successive "servers" run `scripts`; and the ports they were given."""
     import sys
 
-    from taxi_pipeline import local_stack
+    from taxi_pipeline.stack import local as local_stack
 
     # The UI's usual port is some free port here: a real `up` elsewhere may hold 4200.
     monkeypatch.setattr(local_stack, "DEFAULT_UI_PORT", local_stack.free_port())
@@ -131,7 +131,7 @@ def test_a_server_that_loses_its_port_to_a_racing_process_moves_to_a_free_one(
     when `up` looked a second time (the other stack was stopping). The server's log,
     not a second look at the port, decides. A headless stack's free port can be
     taken between the check and the bind as well."""
-    from taxi_pipeline import local_stack
+    from taxi_pipeline.stack import local as local_stack
 
     stack, ports = _stack_with_servers(tmp_path, monkeypatch, [_LOST_BIND, _HEALTHY], ui=ui)
     try:
@@ -161,7 +161,7 @@ def test_a_server_that_fails_for_another_reason_is_not_retried(
 
 def test_only_this_start_s_part_of_the_server_log_counts(tmp_path: Path) -> None:
     """The log is appended to across `up`s in one home: an old lost race is not news."""
-    from taxi_pipeline.local_stack import lost_port_race
+    from taxi_pipeline.stack.local import lost_port_race
 
     log = tmp_path / "prefect-server.log"
     log.write_text("Port 4200 is already in use. Please specify a different port\n")

@@ -1,4 +1,4 @@
-"""The server launcher's create_app memo (taxi_pipeline/prefect_server_start.py).
+"""The server launcher's create_app memo (taxi_pipeline/stack/prefect_server_start.py).
 
 It must return exactly what Prefect would, hash the settings once per settings
 object, and leave every other call to Prefect; if Prefect's in-memory client
@@ -14,7 +14,7 @@ from prefect.server.api import server
 from prefect.server.api.clients import OrchestrationClient
 from prefect.settings import PREFECT_API_DEFAULT_LIMIT, temporary_settings
 
-from taxi_pipeline.prefect_server_start import memoize_default_app
+from taxi_pipeline.stack.prefect_server_start import memoize_default_app
 
 
 @pytest.fixture

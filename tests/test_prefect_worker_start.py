@@ -1,4 +1,4 @@
-"""The worker launcher's settings memo (taxi_pipeline/prefect_worker_start.py).
+"""The worker launcher's settings memo (taxi_pipeline/stack/prefect_worker_start.py).
 
 It must return exactly what Prefect would, compute it once per settings object,
 and hand out copies; if Prefect's worker stops building a run's environment
@@ -14,7 +14,7 @@ from prefect.settings import PREFECT_API_DEFAULT_LIMIT, get_current_settings, te
 from prefect.settings.base import PrefectBaseSettings
 from prefect.workers.base import BaseJobConfiguration
 
-from taxi_pipeline.prefect_worker_start import memoize_settings_environment
+from taxi_pipeline.stack.prefect_worker_start import memoize_settings_environment
 
 
 @pytest.fixture

@@ -354,7 +354,7 @@ def production_server(backing: Backing, name: str,
                       extra: dict[str, str] | None = None) -> PrefectServer:
     """A server with the manifests' settings (plus `extra`), on the shared database and Redis."""
     manifest = manifest_server()
-    assert manifest.command == ["python", "-m", "taxi_pipeline.prefect_server_start"], (
+    assert manifest.command == ["python", "-m", "taxi_pipeline.stack.prefect_server_start"], (
         f"the manifests run {manifest.command}; this test runs the same launcher "
         "(`prefect server start`: API and services, the event persister included, in one "
         "process)")

@@ -6,12 +6,12 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from flows.tlc_schema import CANONICAL_SCHEMA
-from flows.transform_core import transform_parquet
-from taxi_pipeline.reconcile import find_stalled
-from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.datasets.schema import CANONICAL_SCHEMA
+from taxi_pipeline.ops.reconcile import find_stalled
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.storage.local import LocalStore
+from taxi_pipeline.transform.streaming import transform_parquet
 from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 
 
@@ -59,7 +59,7 @@ def test_in_flight_objects_are_left_alone_until_they_are_quiet() -> None:
     from prefect.events import Event, Resource
 
     from taxi_pipeline import events
-    from taxi_pipeline.reconcile import RUNNING_GRACE, why_in_flight
+    from taxi_pipeline.ops.reconcile import RUNNING_GRACE, why_in_flight
 
     now = datetime.now(UTC)
 

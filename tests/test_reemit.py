@@ -22,7 +22,7 @@ from prefect.events import Event, RelatedResource, Resource
 
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
-from taxi_pipeline.reemit import (
+from taxi_pipeline.ops.reemit import (
     ORIGINAL_ROLE,
     RateLimiter,
     Report,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from taxi_pipeline import gcp_names
 from taxi_pipeline.cli import main
+from taxi_pipeline.gcp import names as gcp_names
 from taxi_pipeline.settings import Settings, SettingsError, get_settings
 
 
@@ -37,9 +37,9 @@ def test_gcp_setup_refuses_the_readme_demo_project_before_any_client(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     emulator_with_demo_project(monkeypatch)
-    import taxi_pipeline.gcp_setup
+    import taxi_pipeline.gcp.setup
 
-    monkeypatch.setattr(taxi_pipeline.gcp_setup, "setup", never)
+    monkeypatch.setattr(taxi_pipeline.gcp.setup, "setup", never)
     assert main(["gcp", "setup"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: profile 'emulator' cannot start")
@@ -56,8 +56,8 @@ def test_up_and_demo_name_the_bad_project_too(
 ) -> None:
     """The emulator profile's `up` checks the names before it starts any emulator."""
     emulator_with_demo_project(monkeypatch)
-    monkeypatch.setattr("taxi_pipeline.emulator_stack.require_emulators", never)
-    monkeypatch.setattr("taxi_pipeline.emulator_stack.pubsub_emulator", never)
+    monkeypatch.setattr("taxi_pipeline.stack.emulator.require_emulators", never)
+    monkeypatch.setattr("taxi_pipeline.stack.emulator.pubsub_emulator", never)
     monkeypatch.setattr("taxi_pipeline.cli.LocalStack", never)
     assert main([command]) == 1
     err = capsys.readouterr().err
@@ -93,7 +93,7 @@ def test_other_commands_check_the_settings_first(
 
 def test_the_readme_emulator_commands_have_valid_names() -> None:
     """The README starts the emulator profile with defaults for project and bucket."""
-    from taxi_pipeline.emulator_stack import emulator_settings
+    from taxi_pipeline.stack.emulator import emulator_settings
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     lines = [line for line in readme.splitlines()
@@ -190,7 +190,8 @@ def test_the_bridge_needs_a_project_but_no_bucket(monkeypatch: pytest.MonkeyPatc
 
 
 def test_gcp_setup_itself_checks_before_building_clients(monkeypatch: pytest.MonkeyPatch) -> None:
-    from taxi_pipeline import gcp_clients, gcp_setup
+    from taxi_pipeline.gcp import clients as gcp_clients
+    from taxi_pipeline.gcp import setup as gcp_setup
 
     monkeypatch.setattr(gcp_clients, "storage_client", never)
     with pytest.raises(SettingsError, match="TAXI_GCP_PROJECT='demo'"):

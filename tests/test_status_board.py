@@ -16,10 +16,10 @@ from urllib.parse import unquote
 import pytest
 from prefect.events import Event, Resource
 
-from taxi_pipeline import events, status_board
+from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
-from taxi_pipeline.settings import Settings
-from taxi_pipeline.status_board import (
+from taxi_pipeline.ops import status_board
+from taxi_pipeline.ops.status_board import (
     DUPLICATE,
     FAILED,
     LANDED,
@@ -37,6 +37,7 @@ from taxi_pipeline.status_board import (
     classify,
     parse_target,
 )
+from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage.local import LocalStore
 
 NAME = "raw/yellow/2024/yellow_tripdata_2024-01.parquet"
@@ -444,7 +445,7 @@ def test_follow_watches_every_stage_of_a_prefix_or_one_object(
 
 STOP_SCRIPT = """
 import asyncio, os, signal, sys, time
-from taxi_pipeline.status_board import _until_stopped
+from taxi_pipeline.ops.status_board import _until_stopped
 
 async def stubborn():  # swallows the first cancellation, like a client mid-reconnect
     try:

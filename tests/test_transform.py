@@ -1,4 +1,4 @@
-"""Unit tests of the streaming transform (flows/transform_core.py) and the quality rules."""
+"""Unit tests of the streaming transform (taxi_pipeline/transform/) and the quality rules."""
 
 from __future__ import annotations
 
@@ -19,19 +19,19 @@ import pyarrow.parquet as pq
 import pytest
 
 import flows.transform as transform_flow
-import flows.transform_core as transform_core
-from flows import quality
+import taxi_pipeline.transform.streaming as transform_core
 from flows.common import RunContext
-from flows.quality import RULES, month_bounds, reject_reasons
-from flows.tlc_schema import CANONICAL_SCHEMA, REJECTS_SCHEMA
 from flows.transform import current_generation, output_of, transform_object
-from flows.transform_core import BadInputFile, TransformStats, transform_parquet
 from taxi_pipeline import events
+from taxi_pipeline.datasets import quality
+from taxi_pipeline.datasets.quality import RULES, month_bounds, reject_reasons
+from taxi_pipeline.datasets.schema import CANONICAL_SCHEMA, REJECTS_SCHEMA
 from taxi_pipeline.lineage import METADATA_SOURCE_GENERATION, METADATA_SOURCE_URI
 from taxi_pipeline.objects import ObjectRef, sibling_name
-from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings, get_settings
+from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.storage.local import LocalStore
+from taxi_pipeline.transform.streaming import BadInputFile, TransformStats, transform_parquet
 
 INGESTED_AT = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 SOURCE_URI = "file:///bucket/raw/yellow/2024/yellow_tripdata_2024-01.parquet"

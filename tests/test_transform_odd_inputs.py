@@ -22,11 +22,11 @@ from test_transform import (
     run,
 )
 
-import flows.transform_core as transform_core
-from flows import quality
-from flows.tlc_schema import CANONICAL_SCHEMA, REJECTS_SCHEMA
-from flows.transform_core import BadInputFile, inspect_source, transform_parquet
-from taxi_pipeline.sample_data import generate_month, write_month
+import taxi_pipeline.transform.streaming as transform_core
+from taxi_pipeline.datasets import quality
+from taxi_pipeline.datasets.schema import CANONICAL_SCHEMA, REJECTS_SCHEMA
+from taxi_pipeline.sources.sample_data import generate_month, write_month
+from taxi_pipeline.transform.streaming import BadInputFile, inspect_source, transform_parquet
 
 NEW_YORK = "America/New_York"
 

@@ -22,18 +22,18 @@ import pytest
 
 import flows.transform as transform_flow
 from flows.common import RunContext
-from flows.tlc_schema import CANONICAL_SCHEMA
 from flows.transform import OutputSuperseded, output_state, transform_object
-from flows.transform_core import transform_parquet
 from taxi_pipeline import events
 from taxi_pipeline.content_twins import earlier_twin
+from taxi_pipeline.datasets.schema import CANONICAL_SCHEMA
 from taxi_pipeline.lineage import METADATA_SOURCE_GENERATION
 from taxi_pipeline.objects import ObjectRef, folder_year_of, sibling_name
-from taxi_pipeline.reconcile import find_stalled
-from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.ops.reconcile import find_stalled
 from taxi_pipeline.settings import Settings, get_settings
+from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.storage import ObjectNotFound, PreconditionFailed
 from taxi_pipeline.storage.local import LocalStore
+from taxi_pipeline.transform.streaming import transform_parquet
 from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 
 Emitted = list[tuple[str, dict[str, Any]]]

@@ -1,4 +1,4 @@
-"""The fork server for flow runs (`taxi_pipeline.warm_runs`) and its launcher.
+"""The fork server for flow runs (`taxi_pipeline.stack.warm_runs`) and its launcher.
 
 Fast tests run the launcher against a fork server without a Prefect server (the
 engine exits early on a bad flow run id, which is enough to see the plumbing).
@@ -32,8 +32,8 @@ from prefect.states import Cancelling
 from warm_flows_for_tests import probe
 from warm_runs_stack import RUN_LOGGING_LEVEL, TESTS_DIR, UNREACHABLE_API, WarmStack
 
-from taxi_pipeline.warm_runs import launcher_command, server_argv
-from taxi_pipeline.warm_runs_launch import decode_request, encode_request
+from taxi_pipeline.stack.warm_runs import launcher_command, server_argv
+from taxi_pipeline.stack.warm_runs_launch import decode_request, encode_request
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -70,7 +70,7 @@ FINGERPRINT_PROBE = """
 import json, os, sys
 from pathlib import Path
 from prefect.settings import get_current_settings
-from taxi_pipeline.warm_runs import current_settings_fingerprint, settings_fingerprint
+from taxi_pipeline.stack.warm_runs import current_settings_fingerprint, settings_fingerprint
 
 server, profiles = current_settings_fingerprint()
 # What a process worker with this environment hands its run (EngineCommandStarter).
@@ -128,7 +128,7 @@ import json, threading
 import prefect.engine, flows.transform, flows.load
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.responses import DeploymentResponse
-from taxi_pipeline.warm_runs import complete_pydantic_models
+from taxi_pipeline.stack.warm_runs import complete_pydantic_models
 before = [FlowRun.__pydantic_complete__, DeploymentResponse.__pydantic_complete__]
 built = complete_pydantic_models()
 print(json.dumps([before, [FlowRun.__pydantic_complete__,

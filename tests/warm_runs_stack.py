@@ -35,7 +35,7 @@ from prefect.types.entrypoint import EntrypointType
 from support.emulators import stop_group
 from support.prefect_server import PrefectServer
 
-from taxi_pipeline.warm_runs import launcher_command, process_pool_template, server_argv
+from taxi_pipeline.stack.warm_runs import launcher_command, process_pool_template, server_argv
 
 TESTS_DIR = Path(__file__).resolve().parent
 UNREACHABLE_API = "http://127.0.0.1:9/api"

@@ -16,7 +16,7 @@ def store_from_settings(settings: Settings) -> ObjectStore:
         return LocalStore(settings.bucket_dir)
     if settings.profile in ("emulator", "gcp"):
         # Imported here so the local profile never needs the Google client libraries.
-        from taxi_pipeline import gcp_clients
+        from taxi_pipeline.gcp import clients as gcp_clients
         from taxi_pipeline.storage.gcs import GcsStore
 
         settings.require("bucket", "gcp_project")

@@ -50,7 +50,7 @@ def warehouse_from_settings(settings: Settings) -> Warehouse:
         return DuckDBWarehouse(settings.warehouse_file)
     if settings.profile in ("emulator", "gcp"):
         # Imported here so the local profile never needs the Google clients.
-        from taxi_pipeline.gcp_clients import bigquery_client
+        from taxi_pipeline.gcp.clients import bigquery_client
         from taxi_pipeline.warehouse.bigquery_warehouse import BigQueryWarehouse
 
         return BigQueryWarehouse(bigquery_client(settings), settings.bq_dataset,

@@ -41,7 +41,7 @@ import pyarrow as pa
 from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
-from taxi_pipeline import gcp_names
+from taxi_pipeline.gcp import names as gcp_names
 from taxi_pipeline.objects import month_after
 from taxi_pipeline.warehouse.base import LoadResult
 

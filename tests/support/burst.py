@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from support.local_e2e import running_stack
-from taxi_pipeline.local_stack import LocalStack
-from taxi_pipeline.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.stack.local import LocalStack
 from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 
 

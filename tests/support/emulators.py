@@ -1,7 +1,7 @@
-"""The emulator launchers live in the product (`taxi_pipeline.emulators`); re-exported here
+"""The emulator launchers live in the product (`taxi_pipeline.stack.emulators`); re-exported here
 for the tests and benchmarks that import them from `support.emulators`."""
 
-from taxi_pipeline.emulators import (
+from taxi_pipeline.stack.emulators import (
     BigQueryEmulator,
     EmulatorStartError,
     FakeGcsServer,

@@ -28,8 +28,8 @@ from prefect.events.filters import (
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from taxi_pipeline.local_stack import LocalStack, free_port
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.stack.local import LocalStack, free_port
 from taxi_pipeline.warehouse import Warehouse
 from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from support.emulators import free_port, stop_group
-from taxi_pipeline.local_stack import wait_healthy
+from taxi_pipeline.stack.local import wait_healthy
 
 
 def postgres_bin() -> Path | None:
@@ -115,8 +115,8 @@ class PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         log = (self.home / "server.log").open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "taxi_pipeline.prefect_server_start", "--host", "127.0.0.1",
-             "--port", str(self.port)],
+            [sys.executable, "-m", "taxi_pipeline.stack.prefect_server_start",
+             "--host", "127.0.0.1", "--port", str(self.port)],
             env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from taxi_pipeline.settings import Settings
-from taxi_pipeline.storage import ObjectStore, store_from_settings
-from taxi_pipeline.tlc_download import (
+from taxi_pipeline.sources.tlc_download import (
     FAILED,
     LANDED,
     NOT_PUBLISHED,
@@ -32,6 +31,7 @@ from taxi_pipeline.tlc_download import (
     month_url,
     present,
 )
+from taxi_pipeline.storage import ObjectStore, store_from_settings
 
 # What --dry-run says of a month that is not in the bucket.
 TO_DOWNLOAD = "to_download"

@@ -16,7 +16,7 @@ from google.cloud import storage  # type: ignore[attr-defined]
 from google.protobuf import duration_pb2, field_mask_pb2
 from google.pubsub_v1.types import DeadLetterPolicy, RetryPolicy, Subscription
 
-from taxi_pipeline import gcp_clients
+from taxi_pipeline.gcp import clients as gcp_clients
 from taxi_pipeline.settings import DEAD_LETTER_SUBSCRIPTION_SUFFIX, Settings
 
 # Redelivery backoff: long enough that a failing Prefect server is not hammered,

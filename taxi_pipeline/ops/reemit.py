@@ -28,8 +28,7 @@ from prefect.events import Event, RelatedResource, Resource
 
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
-from taxi_pipeline.settings import Settings
-from taxi_pipeline.status_board import (
+from taxi_pipeline.ops.status_board import (
     Family,
     StatusError,
     Target,
@@ -37,6 +36,7 @@ from taxi_pipeline.status_board import (
     role_prefixes,
     split_name,
 )
+from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
 
 # Only these stages have an automation that acts on `storage.object.finalized`.

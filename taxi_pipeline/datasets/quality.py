@@ -10,7 +10,7 @@ Deliberately not rules (kept, queryable in the warehouse):
   and negotiated flat rates, time-only meter, odometer not reporting): 5 % of
   green 2024-01. Nothing in the row tells the impossible ones apart.
 - RatecodeID 99 ("null/unknown" in TLC's dictionary) is a value, not a broken
-  trip: the transform turns it into null (flows.tlc_schema.NULL_CODES).
+  trip: the transform turns it into null (taxi_pipeline.datasets.schema.NULL_CODES).
 """
 
 from __future__ import annotations

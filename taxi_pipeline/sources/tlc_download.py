@@ -39,7 +39,7 @@ from taxi_pipeline.storage.local import PARQUET_MAGIC, has_parquet_footer
 
 log = logging.getLogger(__name__)
 
-# The datasets the transform understands (flows/tlc_schema.py).
+# The datasets the transform understands (taxi_pipeline/datasets/schema.py).
 DATASETS = ("yellow", "green")
 
 LANDED = "landed"

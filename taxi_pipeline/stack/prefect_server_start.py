@@ -15,7 +15,7 @@ Any other call goes to Prefect unchanged. No released Prefect (3.9.1 is the
 newest on PyPI as of 2026-11) avoids this cost, hence the hand-written wrapper;
 `tests/test_prefect_server_start.py` fails if Prefect's side of it changes.
 
-Run it as `python -m taxi_pipeline.prefect_server_start [prefect server start options]`.
+Run it as `python -m taxi_pipeline.stack.prefect_server_start [prefect server start options]`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ released Prefect (3.9.1 is the newest on PyPI as of 2026-11) caches this, hence
 the hand-written wrapper; `tests/test_prefect_worker_start.py` fails if
 Prefect's side of it changes.
 
-Run it as `python -m taxi_pipeline.prefect_worker_start [prefect worker start options]`.
+Run it as `python -m taxi_pipeline.stack.prefect_worker_start [prefect worker start options]`.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from types import TracebackType
 import httpx
 import psutil
 
-from taxi_pipeline.prefect_database import EmbeddedPostgres, sqlite_url
 from taxi_pipeline.settings import Settings
+from taxi_pipeline.stack.prefect_database import EmbeddedPostgres, sqlite_url
 
 DEFAULT_UI_PORT = 4200
 # What the fork server imports once, so that flow runs start warm.
@@ -306,7 +306,7 @@ class LocalStack:
         return api_url
 
     def server_argv(self, port: int) -> list[str]:
-        return [sys.executable, "-m", "taxi_pipeline.prefect_server_start",
+        return [sys.executable, "-m", "taxi_pipeline.stack.prefect_server_start",
                 "--host", "127.0.0.1", "--port", str(port)]
 
     def _spawn_server(self, port: int) -> None:
@@ -361,7 +361,7 @@ class LocalStack:
         if self.start_worker:
             self.spawn(
                 "worker",
-                [sys.executable, "-m", "taxi_pipeline.prefect_worker_start", "--pool",
+                [sys.executable, "-m", "taxi_pipeline.stack.prefect_worker_start", "--pool",
                  self.settings.work_pool, "--type", "process",
                  "--limit", str(self.settings.worker_limit)],
             )
@@ -382,10 +382,10 @@ class LocalStack:
         return path
 
     def start_fork_server(self) -> ManagedProcess | None:
-        """The warm fork server for flow runs (see taxi_pipeline/warm_runs.py), if enabled."""
+        """The warm fork server for flow runs (see taxi_pipeline/stack/warm_runs.py), if enabled."""
         if not self.settings.warm_runs:
             return None
-        from taxi_pipeline.warm_runs import server_argv
+        from taxi_pipeline.stack.warm_runs import server_argv
 
         socket_path = self.fork_server_socket
         socket_path.parent.mkdir(parents=True, exist_ok=True)

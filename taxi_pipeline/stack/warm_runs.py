@@ -18,8 +18,8 @@ server (PR_SET_PDEATHSIG).
 Fork safety: the server never starts a thread or an event loop; it checks
 that before each fork and sends the launcher back to a cold start otherwise.
 
-    python -m taxi_pipeline.warm_runs serve --socket PATH --preload flows.transform flows.load
-    python -m taxi_pipeline.warm_runs run --socket PATH      # the launcher, heavier entry
+    python -m taxi_pipeline.stack.warm_runs serve --socket PATH --preload flows.transform flows.load
+    python -m taxi_pipeline.stack.warm_runs run --socket PATH      # the launcher, heavier entry
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any, NoReturn
 
-from taxi_pipeline import warm_runs_launch
-from taxi_pipeline.warm_runs_launch import MAGIC, decode_request
+from taxi_pipeline.stack import warm_runs_launch
+from taxi_pipeline.stack.warm_runs_launch import MAGIC, decode_request
 
 LAUNCHER_PATH = Path(warm_runs_launch.__file__).resolve()
 
@@ -130,7 +130,7 @@ def process_pool_template(socket_path: Path) -> dict[str, Any]:
 def server_argv(socket_path: Path, preload: list[str] | tuple[str, ...] = (),
                 max_children: int = 0) -> list[str]:
     """argv that starts the fork server (run it with the environment the worker has)."""
-    argv = [sys.executable, "-m", "taxi_pipeline.warm_runs", "serve", "--socket",
+    argv = [sys.executable, "-m", "taxi_pipeline.stack.warm_runs", "serve", "--socket",
             str(socket_path), "--max-children", str(max_children)]
     return [*argv, "--preload", *preload] if preload else argv
 
@@ -707,7 +707,7 @@ def serve(socket_path: Path, preload: list[str], max_children: int = 0,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m taxi_pipeline.warm_runs",
+    parser = argparse.ArgumentParser(prog="python -m taxi_pipeline.stack.warm_runs",
                                      description=__doc__.split("\n\n")[0] if __doc__ else None)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_cmd = commands.add_parser("serve", help="pre-import Prefect and flows; fork runs")

@@ -350,7 +350,7 @@ def classify(family: Family, refs: dict[str, ObjectRef], found: Iterable[Event],
       queued for it, so `reconcile` would re-emit it;
     - otherwise transformed or landed: on its way.
     """
-    from taxi_pipeline.reconcile import why_in_flight
+    from taxi_pipeline.ops.reconcile import why_in_flight
 
     main_uri = family.main_uri
     history = sorted((e for e in found if family.role_of(e.resource.id)),
@@ -552,7 +552,7 @@ async def events_named(ctx: Context, basenames: list[str]) -> list[Event]:
 
 
 async def queued_uris(ctx: Context) -> set[str]:
-    from taxi_pipeline.reconcile import active_objects
+    from taxi_pipeline.ops.reconcile import active_objects
 
     try:
         return await active_objects(["transform", "load"])
@@ -661,7 +661,7 @@ async def board(ctx: Context, prefix: str, loads: dict[str, LoadRecord]) -> list
 
 def stalled_rows(ctx: Context, rows: list[Row]) -> list[Row]:
     """The board's rows that `reconcile` finds stalled: landed, never loaded or quarantined."""
-    from taxi_pipeline.reconcile import find_stalled
+    from taxi_pipeline.ops.reconcile import find_stalled
 
     by_uri = {row.uri: row for row in rows}
     found: list[Row] = []

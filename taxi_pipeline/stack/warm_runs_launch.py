@@ -4,7 +4,7 @@ The worker starts `python -I -S .../warm_runs_launch.py --socket PATH` for every
 flow run instead of `python -m prefect.engine`. This file imports only the
 standard library (and runs without `site`), so it starts in ~10 ms instead of
 the ~3 s a cold engine spends importing Prefect. It hands the fork server
-(`taxi_pipeline.warm_runs serve`) its environment, working directory, engine
+(`taxi_pipeline.stack.warm_runs serve`) its environment, working directory, engine
 arguments and its stdin/stdout/stderr (SCM_RIGHTS), then stays alive as the
 process the worker watches: it forwards the signals the worker sends
 (cancellation, shutdown) and exits with the run's exit status. A child killed

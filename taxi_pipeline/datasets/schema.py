@@ -42,7 +42,7 @@ CANONICAL_SCHEMA = pa.schema(
     ]
 )
 
-# `reject_reason` is one of flows.quality.RULES (a short, groupable code);
+# `reject_reason` is one of taxi_pipeline.datasets.quality.RULES (a short, groupable code);
 # `reject_detail` says more where the reason alone cannot: for
 # `unparseable_value` it names each bad column and its raw text
 # (`passenger_count='abc'; pickup_datetime='13/45/2024'`), else it is null.

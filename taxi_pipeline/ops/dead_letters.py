@@ -26,7 +26,7 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
-from taxi_pipeline import gcp_clients
+from taxi_pipeline.gcp import clients as gcp_clients
 from taxi_pipeline.settings import DEAD_LETTER_SUBSCRIPTION_SUFFIX, Settings
 
 log = logging.getLogger(__name__)

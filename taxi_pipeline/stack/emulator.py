@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from taxi_pipeline.emulators import (
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.stack.emulators import (
     BigQueryEmulator,
     FakeGcsServer,
     PubSubEmulator,
@@ -33,8 +34,7 @@ from taxi_pipeline.emulators import (
     pubsub_emulator,
     require_emulators,
 )
-from taxi_pipeline.local_stack import LocalStack, free_port
-from taxi_pipeline.settings import Settings
+from taxi_pipeline.stack.local import LocalStack, free_port
 
 # What `up` uses when TAXI_GCP_PROJECT / TAXI_BUCKET are unset (the emulators take any name).
 DEFAULT_PROJECT = "taxi-emulator"
@@ -174,7 +174,7 @@ class EmulatorStack:
 
     def upload(self, source: Path, name: str) -> None:
         """Upload `source` as object `name` (google-cloud-storage, anonymous)."""
-        from taxi_pipeline.gcp_clients import storage_client
+        from taxi_pipeline.gcp.clients import storage_client
 
         storage_client(self.settings).bucket(self.settings.bucket).blob(name) \
             .upload_from_filename(str(source))
@@ -198,8 +198,8 @@ def emulator_stack(settings: Settings, *, ui: bool = False,
     block runs, os.environ points this process's Google clients at the emulators
     too. `preferred_ports`: the emulators' customary ports when free (for `up`).
     """
-    from taxi_pipeline.gcp_clients import publisher_client
-    from taxi_pipeline.gcp_setup import ensure_topic, setup
+    from taxi_pipeline.gcp.clients import publisher_client
+    from taxi_pipeline.gcp.setup import ensure_topic, setup
 
     settings = emulator_settings(settings)
     settings.validate_for_profile()

@@ -4,7 +4,7 @@ Each context manager starts one server on a loopback port (a free one unless
 given) in its own process group, waits until it answers, yields a frozen
 description of it (host, port and the environment variables clients need) and
 stops the whole process group on exit. `taxi-pipeline up` (through
-:mod:`taxi_pipeline.emulator_stack`), the integration tests and the benchmarks
+:mod:`taxi_pipeline.stack.emulator`), the integration tests and the benchmarks
 all start them here.
 
 Install the servers with ``scripts/install-emulators.sh`` (fake-gcs-server and the
@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from taxi_pipeline.local_stack import free_port
+from taxi_pipeline.stack.local import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Where scripts/install-emulators.sh puts the BigQuery emulator (its BQEMU_VENV).

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flows.quality import month_bounds, reject_reasons
-from flows.tlc_schema import (
+from taxi_pipeline.datasets.quality import month_bounds, reject_reasons
+from taxi_pipeline.datasets.schema import (
     CANONICAL_SCHEMA,
     DATASETS,
     LINEAGE_COLUMNS,

@@ -1,0 +1,1 @@
+"""Google Cloud plumbing: resource names, clients, and the one-time project setup."""

@@ -1,0 +1,1 @@
+"""Operator commands: what happened to each object, re-emit, reconcile, backfill, dead letters."""

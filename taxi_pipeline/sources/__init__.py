@@ -1,0 +1,1 @@
+"""Where raw files come from: TLC's trip-data downloads and synthetic sample months."""
