@@ -324,11 +324,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """One object's story, or the board of every object under a prefix."""
-    from taxi_pipeline.ops.status_board import status
+    from taxi_pipeline.ops.status_view import status
 
     settings = _valid_settings()
     if args.follow:
-        from taxi_pipeline.ops.status_board import follow
+        from taxi_pipeline.ops.status_view import follow
 
         try:
             return _with_api(settings, follow(settings, args.object))

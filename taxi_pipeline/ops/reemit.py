@@ -28,7 +28,7 @@ from prefect.events import Event, RelatedResource, Resource
 
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
-from taxi_pipeline.ops.status_board import (
+from taxi_pipeline.ops.status_model import (
     Family,
     StatusError,
     Target,

@@ -18,8 +18,8 @@ from prefect.events import Event, Resource
 
 from taxi_pipeline import events
 from taxi_pipeline.objects import ObjectRef
-from taxi_pipeline.ops import status_board
-from taxi_pipeline.ops.status_board import (
+from taxi_pipeline.ops import status_model, status_view
+from taxi_pipeline.ops.status_model import (
     DUPLICATE,
     FAILED,
     LANDED,
@@ -328,10 +328,10 @@ def stubbed(settings: Settings, store: LocalStore,
     async def queued(ctx: Any) -> set[str]:
         return set()
 
-    monkeypatch.setattr(status_board, "events_about", about)
-    monkeypatch.setattr(status_board, "events_under", under)
-    monkeypatch.setattr(status_board, "events_named", named)
-    monkeypatch.setattr(status_board, "queued_uris", queued)
+    monkeypatch.setattr(status_model, "events_about", about)
+    monkeypatch.setattr(status_model, "events_under", under)
+    monkeypatch.setattr(status_model, "events_named", named)
+    monkeypatch.setattr(status_model, "queued_uris", queued)
     yield stored
 
 
@@ -339,7 +339,7 @@ def run(settings: Settings, target: str | None, capsys: pytest.CaptureFixture[st
         **options: Any) -> tuple[int, str, str]:
     import asyncio
 
-    code = asyncio.run(status_board.status(settings, target, **options))
+    code = asyncio.run(status_view.status(settings, target, **options))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -374,7 +374,7 @@ def test_status_of_a_processed_name_shows_the_rows_of_its_source(
         settings: Settings, store: LocalStore, stubbed: list[Event],
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     log = LoadLog()
-    monkeypatch.setattr(status_board, "warehouse_from_settings", lambda _: log)
+    monkeypatch.setattr(status_view, "warehouse_from_settings", lambda _: log)
     put(store, SPACED)
     raw = store.ref(SPACED)
     family = Family.of(SPACED, settings, store)
@@ -415,37 +415,37 @@ def test_a_followed_event_is_one_line_with_its_object_and_key_payload(
     at = datetime(2026, 1, 10, 12, 0, 5, tzinfo=UTC)
     loaded = event(events.LOAD_COMPLETED, family.uris[PROCESSED], 7, at,
                    rows=1234, status="loaded", table="trips")
-    line = status_board.follow_line(loaded, store.name_of)
+    line = status_view.follow_line(loaded, store.name_of)
     assert line.startswith("2026-01-10 12:00:05  pipeline.load.completed")
     assert family.names[PROCESSED] + " (gen 7)" in line
     assert "status=loaded rows=1234" in line and "table" not in line
     failed = event(events.TRANSFORM_FAILED, family.uris[RAW], None, at,
                    error="boom\n  at line 3")
-    assert status_board.follow_line(failed, store.name_of).endswith(
+    assert status_view.follow_line(failed, store.name_of).endswith(
         f"{NAME}  error=boom at line 3")
 
     def nothing(uri: str) -> None:
         return None
 
     other = event(events.RECONCILE_COMPLETED, "taxi-pipeline.reconcile", None, at, emitted=0)
-    assert "taxi-pipeline.reconcile" in status_board.follow_line(other, nothing)
+    assert "taxi-pipeline.reconcile" in status_view.follow_line(other, nothing)
 
 
 def test_follow_watches_every_stage_of_a_prefix_or_one_object(
         settings: Settings, store: LocalStore, family: Family) -> None:
-    assert status_board.follow_uris("", settings, store) == []
-    watched = status_board.follow_uris("raw/yellow/", settings, store)
-    assert watched == [status_board.uri_of(store, p + "yellow/")
+    assert status_view.follow_uris("", settings, store) == []
+    watched = status_view.follow_uris("raw/yellow/", settings, store)
+    assert watched == [status_model.uri_of(store, p + "yellow/")
                        for p in ("raw/", "processed/", "rejects/", "quarantine/")]
-    assert status_board.follow_uris("yellow/", settings, store) == watched
-    assert status_board.follow_uris(NAME, settings, store) == list(family.uris.values())
+    assert status_view.follow_uris("yellow/", settings, store) == watched
+    assert status_view.follow_uris(NAME, settings, store) == list(family.uris.values())
     with pytest.raises(StatusError, match="--follow takes a prefix"):
-        status_board.follow_uris("yellow_tripdata_2024-01.parquet", settings, store)
+        status_view.follow_uris("yellow_tripdata_2024-01.parquet", settings, store)
 
 
 STOP_SCRIPT = """
 import asyncio, os, signal, sys, time
-from taxi_pipeline.ops.status_board import _until_stopped
+from taxi_pipeline.ops.status_view import _until_stopped
 
 async def stubborn():  # swallows the first cancellation, like a client mid-reconnect
     try:
