@@ -14,7 +14,6 @@ generation leaves processed/ at its generation and the load answers
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -34,10 +33,18 @@ from flows.common import (
 )
 from taxi_pipeline import events
 from taxi_pipeline.content_twins import content_hash, earlier_twin
-from taxi_pipeline.lineage import NotAProcessedObject, lineage_extra, source_of
+from taxi_pipeline.lineage import lineage_extra
 from taxi_pipeline.objects import ObjectRef, dataset_of, folder_year_of, month_of, sibling_name
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore
+from taxi_pipeline.transform.outputs import (
+    OutputSuperseded,
+    current_generation,
+    landed_at,
+    output_of,
+    output_state,
+)
+from taxi_pipeline.transform.report import summary_rows, what_was_used
 from taxi_pipeline.transform.streaming import BadInputFile, TransformStats, transform_parquet
 from taxi_pipeline.warehouse import warehouse_from_settings
 
@@ -65,44 +72,6 @@ def quarantine(store: ObjectStore, obj: ObjectRef, error: BadInputFile, settings
         logger.warning("uri=%s: the table keeps generation %d (%d rows), the last good one",
                        obj.uri, warehouse_keeps["source_generation"], warehouse_keeps["rows"])
     return moved.uri
-
-
-def landed_at(obj: ObjectRef) -> datetime | None:
-    """When this source generation landed: the rows' `ingested_at`.
-
-    Fixed per generation (GCS `timeCreated`; the local store's change time, which
-    is its generation), unlike the transform's clock, so transforming the same
-    generation again writes the same bytes. None (the transform's clock) only
-    for a ref that carries no time at all.
-    """
-    stamp = obj.created or obj.updated
-    return stamp.astimezone(UTC) if stamp is not None else None
-
-
-class OutputSuperseded(RuntimeError):
-    """An output already holds a newer generation of the source: this run is stale."""
-
-
-def output_state(store: ObjectStore, name: str, source: ObjectRef) -> int:
-    """The generation a write of output `name` must find (0: absent).
-
-    Raises OutputSuperseded when the output was made from a newer generation of
-    `source`: a slow run must not put older rows back over a newer run's files.
-    The lineage comes from GCS custom metadata, else from the parquet footer.
-    """
-    try:
-        current = store.ref(name)
-    except ObjectNotFound:
-        return 0
-    try:
-        source_uri, made_from = source_of(store, current)
-    except (NotAProcessedObject, ObjectNotFound):
-        return current.generation  # not ours, or gone: the precondition decides
-    if source_uri == source.uri and made_from > source.generation:
-        raise OutputSuperseded(
-            f"{current.uri} holds generation {made_from} of {source.uri}, newer than "
-            f"{source.generation}: the newer generation's run owns the outputs")
-    return current.generation
 
 
 @task(cache_policy=NO_CACHE, retries=TRANSIENT_RETRIES, retry_delay_seconds=RETRY_DELAYS,
@@ -150,19 +119,6 @@ def transform_object(
     return stats, processed, store.ref(rejects_name)
 
 
-def current_generation(store: ObjectStore, name: str) -> int | None:
-    """The generation of `name` now, or None when there is no such object yet."""
-    try:
-        return store.ref(name).generation
-    except ObjectNotFound:
-        return None
-
-
-def output_of(before: int | None, processed: ObjectRef) -> str:
-    """`unchanged` when the processed object kept its generation, else `written`."""
-    return "unchanged" if before is not None and processed.generation == before else "written"
-
-
 def announce_kept(processed: ObjectRef, settings: Settings) -> Event | None:
     """Re-emit the kept processed object's `storage.object.finalized`, so its load runs.
 
@@ -178,60 +134,6 @@ def announce_kept(processed: ObjectRef, settings: Settings) -> Event | None:
     return emit_event(event=event.event, resource=dict(event.resource), payload=event.payload,
                       related=[dict(r) for r in event.related], id=event.id,
                       occurred=event.occurred)
-
-
-def _month_text(month: tuple[int, int] | None) -> str | None:
-    return f"{month[0]:04d}-{month[1]:02d}" if month else None
-
-
-def what_was_used(stats: TransformStats, name: str) -> dict[str, Any]:
-    """Dataset and month the rows were checked against, where each came from, and oddities.
-
-    A name that does not follow the TLC pattern (or says month 13) leaves both
-    to the file's columns and pickups; a name the data contradicts is flagged.
-    """
-    return {
-        "taxi_type": stats.taxi_type, "taxi_type_source": stats.taxi_type_source,
-        "dataset_from_schema": stats.dataset_from_schema,
-        "dataset_conflict": stats.dataset_conflict,
-        "month": _month_text(stats.month), "month_source": stats.month_source,
-        "month_from_data": _month_text(stats.month_from_data),
-        "month_share": round(stats.month_share, 4), "month_conflict": stats.month_conflict,
-        "unparseable_cells": dict(stats.unparseable),
-        "codes_nulled": dict(stats.codes_nulled),
-        "row_groups_out": stats.row_groups_out,
-        "folder_year_conflict": folder_year_conflict(stats, name),
-    }
-
-
-def folder_year_conflict(stats: TransformStats, name: str) -> bool:
-    """A year folder (`raw/yellow/2024/`) that the month the rows were checked against
-    contradicts: 2025 data filed under 2024 loads, but not without a word."""
-    year = folder_year_of(name)
-    return year is not None and stats.month is not None and stats.month[0] != year
-
-
-def _summary(obj: ObjectRef, stats: TransformStats) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = [
-        {"measure": "rows in", "rows": stats.rows_in},
-        {"measure": "rows out (processed)", "rows": stats.rows_out},
-        {"measure": "rows rejected", "rows": stats.rows_rejected},
-    ]
-    rows += [{"measure": f"rejected: {reason}", "rows": count}
-             for reason, count in stats.rejected.most_common()]
-    rows += [{"measure": f"unparseable cells: {column}", "rows": count}
-             for column, count in stats.unparseable.most_common()]
-    rows += [{"measure": f"'unknown' code set to null: {column}", "rows": count}
-             for column, count in stats.codes_nulled.most_common()]
-    rows.append({"measure": f"dataset {stats.taxi_type} (from the {stats.taxi_type_source})"
-                 + (", the columns say otherwise" if stats.dataset_conflict else ""),
-                 "rows": stats.rows_in})
-    month = _month_text(stats.month) or "none"
-    rows.append({"measure": f"month {month} (from the {stats.month_source or 'nothing'})"
-                 + (f", but most pickups are in {_month_text(stats.month_from_data)}"
-                    if stats.month_conflict else ""),
-                 "rows": round(stats.month_share * stats.rows_in)})
-    return rows
 
 
 def skip_duplicate(store: ObjectStore, obj: ObjectRef, settings: Settings) -> dict[str, Any] | None:
@@ -344,7 +246,7 @@ def transform(object_uri: str, generation: int | None = None,
                     announced.id if announced else "not sent")
     create_table_artifact(
         key=artifact_key("transform", obj),
-        table=_summary(obj, stats),
+        table=summary_rows(obj, stats),
         description=f"Transform of `{obj.uri}` (generation {obj.generation})",
     )
     logger.info(
