@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Install everything, then run lint, types and the whole test suite (end-to-end included).
-# Extra arguments go to pytest (e.g. `-m "not e2e"` for the fast tests only).
+#   scripts/test.sh            the full suite (what .ci/run runs)
+#   scripts/test.sh --quick    the edit loop: every test not marked e2e, plus the one
+#                              end-to-end drop marked quick (a file through the whole chain)
+# Extra arguments go to pytest (e.g. `tests/test_transform.py -k green`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+select=()
+if [ "${1:-}" = "--quick" ]; then
+  shift
+  select=(-m "not e2e or quick")
+fi
 scripts/bootstrap.sh
 # Test stack: fake-gcs-server and the BigQuery emulator (own venv); PostgreSQL for
 # the Prefect server of the integration tests. The Pub/Sub emulator ships with gcloud.
@@ -22,4 +30,8 @@ fi
 # schedules, retries and redeliveries, so a third file fills that time (measured:
 # 12.1 minutes instead of 15.3 with two; CPU busy 84% instead of 67%).
 # TAXI_TEST_WORKERS=0 runs everything in this process.
-exec .venv/bin/pytest -n "${TAXI_TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder "$@"
+# Everything a test needs was installed above, so a skip here is a failure (a moved
+# file or a broken install must not pass as "skipped"): tests/conftest.py.
+export TAXI_TEST_STRICT_SKIPS=1
+exec .venv/bin/pytest -n "${TAXI_TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder \
+  ${select[@]+"${select[@]}"} "$@"

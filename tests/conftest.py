@@ -50,6 +50,21 @@ _FIRST = ("test_e2e_burst_server_kill.py", "test_e2e_burst.py", "test_e2e_recove
           "test_k8s_deploy.py")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """With TAXI_TEST_STRICT_SKIPS (scripts/test.sh, which installs every tool and
+    emulator first), a skip is a failure: a test that cannot find what it needs there
+    is broken, and a skip would hide it (a path one folder off once skipped every
+    BigQuery emulator test)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if (report.skipped and os.environ.get("TAXI_TEST_STRICT_SKIPS")
+            and not hasattr(report, "wasxfail")):
+        report.outcome = "failed"
+        report.longrepr = (f"skipped where nothing may be (TAXI_TEST_STRICT_SKIPS, set by "
+                           f"scripts/test.sh after installing everything): {report.longrepr}")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         name = item.path.name

@@ -49,6 +49,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         yield running
 
 
+@pytest.mark.quick
 def test_files_travel_the_whole_chain(stack: LocalStack, tmp_path: Path,
                                       tlc_data_dir: Path) -> None:
     settings = stack.settings

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from taxi_pipeline.stack.local import free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where scripts/install-emulators.sh puts the BigQuery emulator (its BQEMU_VENV).
 DEFAULT_BQEMU_VENV = Path(os.environ.get("BQEMU_VENV") or REPO_ROOT / ".venv-bqemu")
 INSTALL_HINT = "run scripts/install-emulators.sh"
