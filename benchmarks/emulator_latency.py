@@ -12,7 +12,7 @@ until the BigQuery emulator's load log holds that generation.
 
 The first upload loads into an empty table; every later one replaces that
 object's rows, which the BigQuery emulator does with a slow `MERGE`. The two are
-reported apart, each beside the README's figure, with the machine's load
+reported apart, each beside the figure in docs/benchmarks.md, with the machine's load
 average, since other runs often share these machines.
 """
 
@@ -34,9 +34,9 @@ from taxi_pipeline.stack.emulator import emulator_stack
 from taxi_pipeline.warehouse import warehouse_from_settings
 
 PROJECT, BUCKET = "taxi-latency", "taxi-latency-bucket"
-# What the README reports (250k rows, 2-core machine, otherwise idle).
-README_FIRST_LOAD = "11-16 s"
-README_REPLACE = "60-100 s"
+# What docs/benchmarks.md reports (250k rows, 2-core machine, otherwise idle).
+DOCS_FIRST_LOAD = "11-16 s"
+DOCS_REPLACE = "60-100 s"
 
 
 def main() -> None:
@@ -73,13 +73,13 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     print(f"upload-to-queryable, emulator profile, {args.rows:,} rows, "
           f"load average {load_before:.1f} before / {load_after:.1f} after:")
-    print(f"  first load (empty table):  {latencies[0]:.1f}s   (README: {README_FIRST_LOAD} "
+    print(f"  first load (empty table):  {latencies[0]:.1f}s   (docs: {DOCS_FIRST_LOAD} "
           "at 250,000 rows)")
     if len(latencies) > 1:
         replaces = latencies[1:]
         print(f"  replace (re-upload, MERGE): median {statistics.median(replaces):.1f}s, "
               f"min {min(replaces):.1f}s, max {max(replaces):.1f}s over {len(replaces)} uploads"
-              f"   (README: {README_REPLACE} at 250,000 rows; the BigQuery emulator's MERGE, "
+              f"   (docs: {DOCS_REPLACE} at 250,000 rows; the BigQuery emulator's MERGE, "
               "not representative of BigQuery)")
 
 

@@ -109,7 +109,7 @@ class PubSubSource:
             except gexc.NotFound:
                 raise RuntimeError(
                     f"subscription {self.path} does not exist: run `taxi-pipeline gcp setup` "
-                    "(or create it with gcloud, see the README)") from None
+                    "(or create it with gcloud, see docs/gcp.md)") from None
             return
         if CONSUME_PERMISSION not in granted:
             raise RuntimeError(

@@ -37,7 +37,7 @@ here; the assertions rest on it):
 
 So the guarantee stays the bridge's: acknowledge only what was read back by id.
 
-`python tests/test_production_server.py --runs 3` prints the figures the README
+`python tests/test_production_server.py --runs 3` prints the figures docs/benchmarks.md
 quotes: the manifests' configuration, the same with a persister batch of 1, and
 the local profile's server (SQLite, in-memory broker) for comparison; each
 path, each run, and what re-emitting the lost ids achieves.
@@ -437,7 +437,7 @@ def test_production_configuration_after_sigkill(backing: Backing) -> None:
     assert http.stored == http.emitted, http.line()
 
 
-# --- figures for the README ---------------------------------------------------------------
+# --- figures for docs/benchmarks.md--------------------------------------------------------------
 
 
 def measure(runs: int, root: Path, resend: bool = True) -> list[Trial]:
