@@ -132,6 +132,11 @@ class Settings(BaseSettings):
         description="Database of the Prefect server `up`/`demo` start: an embedded PostgreSQL "
         "(HOME/prefect/postgres) or, as a fallback, SQLite (locks under bursts).",
     )
+    postgres_system_user: str = Field(
+        default="embedded_postgres", pattern=r"^[a-z_][a-z0-9_-]{0,30}$",
+        description="System user the embedded PostgreSQL runs as when `up` runs as root "
+        "(PostgreSQL refuses root); created on first use.",
+    )
     work_pool: str = ""
     worker_limit: int = Field(
         default=8, ge=1,

@@ -266,7 +266,8 @@ class LocalStack:
         port = free_port(DEFAULT_UI_PORT if self.ui else None)
         api_url = f"http://127.0.0.1:{port}/api"
         if self.settings.prefect_database == "postgres":
-            self.database = EmbeddedPostgres(prefect_home / "postgres")
+            self.database = EmbeddedPostgres(prefect_home / "postgres",
+                                             self.settings.postgres_system_user)
             database_url = self.database.start()
             # The default pool (5 + 10 overflow) runs dry under a burst of runs and
             # events ("QueuePool limit ... reached" -> 500s); PostgreSQL allows 100.
