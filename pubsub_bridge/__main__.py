@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 
-from pubsub_bridge.health import HealthServer, HealthState
+from pubsub_bridge.health import HealthPortInUse, HealthServer, HealthState
 from pubsub_bridge.metrics import BridgeMetrics
 from taxi_pipeline.settings import SettingsError, get_settings
 
@@ -54,7 +54,10 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    asyncio.run(_main())
+    try:
+        asyncio.run(_main())
+    except HealthPortInUse as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import threading
 import time
@@ -89,13 +90,26 @@ class _QuietHandler(WSGIRequestHandler):
         return
 
 
+class HealthPortInUse(RuntimeError):
+    """The health and metrics port is taken by another process."""
+
+
 class HealthServer:
     def __init__(self, state: HealthState, metrics: BridgeMetrics, required: list[str],
                  port: int, host: str = "0.0.0.0") -> None:
         self.state = state
         self.metrics = metrics
         self.required = required
-        self._server: WSGIServer = make_server(host, port, self.app, handler_class=_QuietHandler)
+        try:
+            self._server: WSGIServer = make_server(host, port, self.app,
+                                                   handler_class=_QuietHandler)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            # `up` reads this line to move the bridge when another process won the port.
+            raise HealthPortInUse(
+                f"the bridge's health port {port} is already in use ({exc.strerror}); "
+                "stop what listens there, or set TAXI_BRIDGE_PORT to a free port") from None
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="bridge-health")
 

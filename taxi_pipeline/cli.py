@@ -91,8 +91,11 @@ def _print_stack(stack: LocalStack, settings: Settings) -> None:
 Running = list[tuple[str, subprocess.Popen[bytes], Path]]
 
 
-def _run_until_stopped(processes: Running) -> int:
-    """Until SIGINT/SIGTERM (0), or until one of `processes` exits (1)."""
+def _run_until_stopped(stack: LocalStack, settings: Settings, watched: Running) -> int:
+    """Until SIGINT/SIGTERM (0), restarting the stack's parts that exit; 1 when one
+    crash-loops or one of `watched` (the emulators, never restarted) exits."""
+    from taxi_pipeline.stack.supervisor import RestartPolicy, Supervisor
+
     stopping: list[int] = []
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -104,15 +107,10 @@ def _run_until_stopped(processes: Running) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     print("Running. Press Ctrl-C to stop everything.", flush=True)
-    while not stopping:
-        for name, process, log_path in processes:
-            if process.poll() is not None:
-                print(f"{name} exited with code {process.returncode}; "
-                      f"see {log_path}. Stopping.", file=sys.stderr)
-                return 1
-        time.sleep(0.5)
-    print("\nStopping...", flush=True)
-    return 0
+    code = Supervisor(stack, RestartPolicy.from_settings(settings), watched=watched).run(stopping)
+    if code == 0:
+        print("\nStopping...", flush=True)
+    return code
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -126,13 +124,14 @@ def cmd_up(args: argparse.Namespace) -> int:
               "emulator, Prefect server, worker, bridge)...", flush=True)
         with emulator_stack(settings, ui=True, preferred_ports=True) as running:
             print("\n".join(running.describe()), flush=True)
-            code = _run_until_stopped(running.processes())
+            emulators = [p for p in running.processes()
+                         if p[0] not in {m.name for m in running.stack.processes}]
+            code = _run_until_stopped(running.stack, running.settings, emulators)
     else:
         print("Starting the local profile (Prefect server, worker, bridge)...", flush=True)
         with LocalStack(settings, ui=True) as stack:
             _print_stack(stack, settings)
-            code = _run_until_stopped([(m.name, m.process, m.log_path)
-                                       for m in stack.processes])
+            code = _run_until_stopped(stack, settings, [])
     if code == 0:
         print("Stopped; nothing left running.")
     return code

@@ -32,6 +32,10 @@ NOTIFICATION_REJECTED = "pipeline.notification.rejected"
 RECOVERY_ATTEMPTED = "pipeline.recovery.attempted"
 RECOVERY_EXHAUSTED = "pipeline.recovery.exhausted"
 RECONCILE_COMPLETED = "pipeline.reconcile.completed"
+# `up` restarted a part of the local stack that exited unexpectedly, or gave up on one.
+STACK_RESTARTED = "pipeline.stack.restarted"
+STACK_GAVE_UP = "pipeline.stack.gave_up"
+LABEL_STACK_PART = "pipeline.stack.part"
 
 # -- resource labels -----------------------------------------------------------
 LABEL_BUCKET = "storage.bucket"
@@ -178,4 +182,17 @@ def notification_rejected(resource: dict[str, str], why: str, detail: str, *, ke
         event=NOTIFICATION_REJECTED,
         resource=Resource(resource),
         payload={"why": why, "detail": detail, **payload},
+    )
+
+
+def stack_event(name: str, part: str, home: str, host: str, **payload: Any) -> Event:
+    """`pipeline.stack.restarted|gave_up` about one part (server, worker, bridge, ...) of the
+    stack `up` runs in `home` on `host`: the resource names both, so two stacks' parts
+    stay apart in the feed and in alert triggers (which match `pipeline.stack.part`)."""
+    return Event(
+        event=name,
+        resource=Resource({"prefect.resource.id": f"taxi-pipeline.stack.{host}.{part}",
+                           "prefect.resource.name": part, LABEL_STACK_PART: part,
+                           "pipeline.stack.home": home, "pipeline.stack.host": host}),
+        payload=payload,
     )

@@ -143,6 +143,19 @@ class Settings(BaseSettings):
         description="Flow runs the local worker runs at once (each takes ~100 MB); more wait "
         "in the queue.",
     )
+    restart_limit: int = Field(
+        default=5, ge=0,
+        description="Restarts of one crashed part (server, worker, bridge, fork server, "
+        "PostgreSQL) `up` makes within TAXI_RESTART_WINDOW_SECONDS; one more crash and it "
+        "stops everything and exits 1 (0: never restart).",
+    )
+    restart_window_seconds: float = Field(
+        default=300.0, gt=0, description="The window TAXI_RESTART_LIMIT counts crashes in.")
+    restart_backoff_seconds: float = Field(
+        default=1.0, ge=0,
+        description="Wait before the first restart of a part; doubles with each crash in "
+        "the window, at most 30 s.",
+    )
     warm_runs: bool = Field(
         default=True,
         description="`up`/`demo` start flow runs from a warm fork server (process pool) "

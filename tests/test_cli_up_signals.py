@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from taxi_pipeline import cli
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.stack.local import LocalStack
 
 
 class SignalOnRunning(io.StringIO):
@@ -45,7 +47,9 @@ def test_sigterm_right_after_running_stops_cleanly(
     out = SignalOnRunning()
     monkeypatch.setattr(sys, "stdout", out)
     try:
-        code = cli._run_until_stopped([("sleeper", child, tmp_path / "sleeper.log")])
+        settings = Settings(home=tmp_path / "home")
+        code = cli._run_until_stopped(LocalStack(settings), settings,
+                                      [("sleeper", child, tmp_path / "sleeper.log")])
     except KeyboardInterrupt:
         pytest.fail("SIGTERM just after 'Running.' unwound as Ctrl-C: `up` exits 130")
     finally:
@@ -56,10 +60,13 @@ def test_sigterm_right_after_running_stops_cleanly(
 
 
 @pytest.mark.usefixtures("restored_handlers")
-def test_a_child_that_exits_stops_the_wait_with_its_log(
+def test_a_watched_emulator_that_exits_stops_the_wait_with_its_log(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Emulators are watched, not restarted: one that exits ends `up` (exit 1)."""
     child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     child.wait()
-    log = tmp_path / "worker.log"
-    assert cli._run_until_stopped([("worker", child, log)]) == 1
-    assert f"worker exited with code 3; see {log}" in capsys.readouterr().err
+    log = tmp_path / "pubsub.log"
+    settings = Settings(home=tmp_path / "home")
+    assert cli._run_until_stopped(LocalStack(settings), settings,
+                                  [("Pub/Sub emulator", child, log)]) == 1
+    assert f"Pub/Sub emulator exited with code 3; see {log}" in capsys.readouterr().err

@@ -167,6 +167,17 @@ class ManagedProcess:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    argv: list[str] = field(default_factory=list)
+    log_start: int = 0  # where this process's lines begin in its (appended) log
+
+    def log_since_start(self) -> str:
+        """What this process wrote to its log (not its predecessors)."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self.log_start)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -245,9 +256,12 @@ class LocalStack:
         return env
 
     def spawn(self, name: str, argv: list[str]) -> ManagedProcess:
+        """Start `name`; one that replaces a dead process of that name takes its place
+        in the list, so the stop order stays the start order."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_path(name)
         with log_path.open("ab") as log:
+            start = log.tell()
             process = subprocess.Popen(
                 argv,
                 stdout=log,
@@ -256,8 +270,13 @@ class LocalStack:
                 env=self.child_env(),
                 start_new_session=True,
             )
-        managed = ManagedProcess(name, process, log_path)
-        self.processes.append(managed)
+        managed = ManagedProcess(name, process, log_path, list(argv), start)
+        for index, old in enumerate(self.processes):
+            if old.name == name and not old.alive():
+                self.processes[index] = managed
+                break
+        else:
+            self.processes.append(managed)
         return managed
 
     def start_server(self) -> str:
@@ -284,27 +303,28 @@ class LocalStack:
             }
         )
         self.api_url = api_url
-        log_path = self.log_path("prefect-server")
-        log_start = log_path.stat().st_size if log_path.exists() else 0
+        self._start_server_on(port)
+        self.api_url_file.write_text(self.api_url)
+        return self.api_url
+
+    def _start_server_on(self, port: int) -> None:
+        """Start the server on `port`, or on a free port if it loses that one at bind."""
         try:
             self._spawn_server(port)
         except RuntimeError:
-            if not lost_port_race(log_path, log_start, port):
+            failed = self.process("prefect-server")
+            if not lost_port_race(failed.log_path, failed.log_start, port):
                 raise
             # The port was taken between our check and the server's bind (another
             # `up` starting at the same moment wanting 4200, or anything taking the
             # free port we picked): any free port will do. The server's own log
             # decides, not a second look at the port: the other holder may be gone
             # by then (a stack stopping), which is how CI lost it.
-            failed = self.process("prefect-server")
             failed.stop(grace=5.0)
-            self.processes.remove(failed)
             port = free_port(None)
-            self.api_url = api_url = f"http://127.0.0.1:{port}/api"
-            self.env["PREFECT_UI_API_URL"] = api_url
+            self.api_url = f"http://127.0.0.1:{port}/api"
+            self.env["PREFECT_UI_API_URL"] = self.api_url
             self._spawn_server(port)
-        self.api_url_file.write_text(api_url)
-        return api_url
 
     def server_argv(self, port: int) -> list[str]:
         return [sys.executable, "-m", "taxi_pipeline.stack.prefect_server_start",
@@ -314,6 +334,48 @@ class LocalStack:
         server = self.spawn("prefect-server", self.server_argv(port))
         assert self.api_url is not None
         wait_healthy(self.api_url, 120, server.process, server.log_path)
+
+    def restart_part(self, name: str) -> list[str]:
+        """Start the dead part `name` again, and whatever cannot reconnect to it; returns
+        what was restarted, in order. Raises RuntimeError when it does not come up.
+
+        PostgreSQL: the server too (its pool and services hold dead connections, and the
+        socket may move). The server: on the same port, so worker, bridge and flow runs
+        reconnect by themselves (their clients retry); only a port lost meanwhile moves
+        it, and then they restart too, to learn the new URL. The bridge: on its port,
+        unless its log says another process took it (a second `up` starting at the
+        same moment) and the port was not chosen explicitly: then on a free one.
+        """
+        if name == "postgres":
+            assert self.database is not None
+            url = self.database.restart()
+            self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = url
+            server = self.process("prefect-server")
+            server.stop(grace=10.0)
+            return ["postgres", *self.restart_part("prefect-server")]
+        if name == "prefect-server":
+            assert self.api_url is not None
+            before = self.api_url
+            self._start_server_on(port_of(self.api_url))
+            self.api_url_file.write_text(self.api_url)
+            if self.api_url == before:
+                return ["prefect-server"]
+            moved = [m.name for m in self.processes if m.name != "prefect-server"]
+            for other in moved:
+                self.process(other).stop(grace=10.0)
+                self.restart_part(other)
+            return ["prefect-server", *moved]
+        old = self.process(name)
+        if name == "flow-runs":
+            self.fork_server_socket.unlink(missing_ok=True)
+            self.wait_fork_server(self.spawn(name, old.argv))
+            return [name]
+        if name == "bridge" and self.bridge_port is not None and bridge_lost_its_port(
+                old, self.bridge_port) and not bridge_port_explicit(self.settings):
+            self.bridge_port = free_port(None)
+            self.env["TAXI_BRIDGE_PORT"] = str(self.bridge_port)
+        self.spawn(name, old.argv)
+        return [name]
 
     def restart_server(self, kill: bool = False) -> None:
         """Stop (or SIGKILL) the server we started and start it again on the same port.
@@ -460,14 +522,23 @@ class LocalStack:
         self.stop()
 
 
+def bridge_port_explicit(settings: Settings) -> bool:
+    """Whether the user chose the bridge's port (then it is never moved)."""
+    return "bridge_port" in settings.model_fields_set or "TAXI_BRIDGE_PORT" in os.environ
+
+
 def bridge_port(settings: Settings, prefer_default: bool) -> int:
     """An explicit TAXI_BRIDGE_PORT as is (the bridge fails loudly if it is taken);
     otherwise the default port when free and wanted (`up`), else any free port
     (demo, tests, stacks side by side)."""
-    explicit = "bridge_port" in settings.model_fields_set or "TAXI_BRIDGE_PORT" in os.environ
-    if explicit:
+    if bridge_port_explicit(settings):
         return settings.bridge_port
     return free_port(settings.bridge_port if prefer_default else None)
+
+
+def bridge_lost_its_port(bridge: ManagedProcess, port: int) -> bool:
+    """Whether the bridge's log since its start says its health port was taken at bind."""
+    return f"health port {port} is already in use" in bridge.log_since_start()
 
 
 def flow_run_ids(processes: list[psutil.Process]) -> dict[int, str]:

@@ -124,6 +124,9 @@ class EmbeddedPostgres:
                     f"Its log ends with:\n{log_tail}\nFix the cause, or run the local server "
                     "on SQLite with TAXI_PREFECT_DATABASE=sqlite."
                 ) from exc
+        return self._url()
+
+    def _url(self) -> str:
         if DATABASE not in self._server.psql("SELECT datname FROM pg_database"):
             self._server.psql(f"CREATE DATABASE {DATABASE}")
         info = self._server.get_postmaster_info()
@@ -132,6 +135,40 @@ class EmbeddedPostgres:
             raise RuntimeError(f"the embedded PostgreSQL in {self.pgdata} has no unix socket")
         log.info("embedded PostgreSQL running pid=%s socket=%s", info.pid, socket_dir)
         return f"postgresql+asyncpg://postgres@/{DATABASE}?host={socket_dir}"
+
+    def alive(self) -> bool:
+        """Whether the postmaster this object started is still running."""
+        if self._server is None:
+            return False
+        process = self._server.get_postmaster_info().process
+        try:
+            return bool(process is not None and process.is_running()
+                        and process.status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
+
+    def restart(self) -> str:
+        """Start the cluster again after its postmaster died; return its (maybe new) URL.
+
+        Backends of a killed postmaster notice its death and exit, but one that
+        lingers holds the shared memory and the new postmaster refuses to start,
+        so what is left of the old server (processes working in `pgdata`, which
+        every PostgreSQL process makes its working directory) is killed first.
+        """
+        if self._server is None:
+            return self.start()
+        leftovers = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if Path(process.cwd()) == self._server.pgdata and process.pid != os.getpid():
+                    leftovers.append(process)
+        for process in leftovers:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(leftovers, timeout=10)
+        with self._server._lock:  # the wheel's own lock around start-up
+            self._server.ensure_postgres_running()
+        return self._url()
 
     @property
     def pid(self) -> int | None:
