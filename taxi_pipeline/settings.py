@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     pubsub_max_bytes: int = Field(default=50 * 2**20, ge=1024, description="Flow control: bytes")
     pubsub_max_delivery_attempts: int = Field(default=10, ge=5, le=100)
     pubsub_ack_deadline_seconds: int = Field(default=60, ge=10, le=600)
+    pubsub_max_hold_seconds: float = Field(
+        default=7 * 24 * 3600, ge=60,
+        description="How long the bridge holds (keeps extending the lease of) a message whose "
+        "event the Prefect server has not stored, e.g. during an outage; set it to the "
+        "subscription's message retention (Pub/Sub's default: 7 days), after which Pub/Sub "
+        "drops the message anyway. Held messages are never nacked for their age.",
+    )
     bridge_port: int = Field(default=8080, description="Bridge /healthz and /metrics port")
     bridge_confirm_seconds: float = Field(
         default=30.0, description="Re-emit an event not confirmed as stored after this long"
@@ -125,6 +132,18 @@ class Settings(BaseSettings):
     gcp_project: str = ""
     bq_dataset: str = "taxi"
     bq_location: str = "US"
+    bq_max_bytes_billed: int = Field(
+        default=100 * 2**30, ge=10 * 2**20,
+        description="Cap on the bytes one BigQuery statement of the load may bill "
+        "(maximum_bytes_billed); a load reads about one month of the table, a few GB, so "
+        "the default only stops a statement that went wrong. BigQuery bills at least 10 MiB.",
+    )
+    bq_dml_retry_seconds: float = Field(
+        default=600.0, ge=0,
+        description="How long a load keeps re-running a statement BigQuery refused because "
+        "other DML held the table ('Could not serialize access ... due to concurrent update', "
+        "'Too many DML statements outstanding'), with backoff and jitter.",
+    )
 
     # -- orchestration -----------------------------------------------------------
     prefect_database: Literal["postgres", "sqlite"] = Field(

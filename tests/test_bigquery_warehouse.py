@@ -483,20 +483,107 @@ def test_conflict_with_staging_gone_loads_again_under_a_new_id(
     assert total_rows(warehouse) == p.rows
 
 
-def test_conflict_with_a_failed_job_says_what_to_do(
+def test_conflict_with_a_failed_job_tries_the_next_id(
     real_ids: tuple[BigQueryWarehouse, RealJobIdClient], stack: Stack
 ) -> None:
-    warehouse, _ = real_ids
+    """An object that stays unreadable fails under a new job id each run, never blocks on
+    the old failed job, and the error says what to do."""
+    warehouse, client = real_ids
     good = stack.processed(source_generation=1)
     load(warehouse, good)
     gone = f"gs://{BUCKET}/processed/not-there.parquet"
     newer = stack.processed(source_generation=2)
-    with pytest.raises(BigQueryLoadError, match="could not read"):
-        load(warehouse, newer, object_uri=gone)
-    with pytest.raises(BigQueryLoadError,
-                       match=r"(?s)already ran on BigQuery and failed.*new generation"):
-        load(warehouse, newer, object_uri=gone)
+    for _ in range(2):
+        with pytest.raises(BigQueryLoadError,
+                           match=r"(?s)could not read .*not-there.*new job id.*re-emit"):
+            load(warehouse, newer, object_uri=gone)
+    failed = [i for i in client.load_job_ids if i.startswith("taxi_stage_")][1:]
+    assert failed == [failed[0], f"{failed[0]}_retry1"]
+    assert client.conflicts == [failed[0]]
     assert warehouse.rows_for(TABLE, YELLOW_URI) == good.rows
+
+
+class FailsOnceClient(RealJobIdClient):
+    """BigQuery's job ids, and the first load job fails: it reads an object that is not
+    there, so the emulator itself fails the job, as BigQuery fails a job whose object it
+    may not read yet (a 403 fixed later by granting IAM)."""
+
+    def load_table_from_uri(self, source_uris: Any, destination: Any,  # type: ignore[override]
+                            job_id: str | None = None, **kwargs: Any) -> bigquery.LoadJob:
+        if not self.load_job_ids:
+            source_uris = f"gs://{BUCKET}/processed/denied-for-now.parquet"
+        return super().load_table_from_uri(source_uris, destination, job_id=job_id, **kwargs)
+
+
+def test_a_failed_load_job_does_not_block_the_object(stack: Stack, dataset: str) -> None:
+    """Issue 20, defect 1: the job fails once; the next run of the same object generation
+    loads it under the next attempt id, exactly once, with nothing written by hand."""
+    client = bq_client(stack.bq, FailsOnceClient)
+    assert isinstance(client, FailsOnceClient)
+    warehouse = BigQueryWarehouse(client, dataset, LOCATION)
+    p = stack.processed()
+    with pytest.raises(BigQueryLoadError, match=r"could not read"):
+        load(warehouse, p)
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == 0
+    assert load(warehouse, p).status == "loaded"  # the next run (task retry, recover, ...)
+    first, second = client.load_job_ids
+    assert client.conflicts == [first]  # the failed job was found and passed over
+    assert second == f"{first}_retry1"
+    assert total_rows(warehouse) == p.rows
+    assert warehouse.loaded(TABLE, YELLOW_URI) == (1, p.rows)
+    assert load(warehouse, p).status == "already_loaded"
+    assert total_rows(warehouse) == p.rows
+
+
+BACKEND_ERROR = {"reason": "backendError", "message": "Error encountered during execution. "
+                 "Retrying may solve the problem."}
+
+
+class BackendErrorJob(bigquery.LoadJob):
+    """A load job as BigQuery reports one that failed with backendError."""
+
+    @property
+    def error_result(self) -> dict[str, str]:
+        return BACKEND_ERROR
+
+    def result(self, *args: Any, **kwargs: Any) -> Any:
+        from google.cloud.bigquery.job.base import _error_result_to_exception
+        raise _error_result_to_exception(BACKEND_ERROR, [BACKEND_ERROR])
+
+
+class BackendErrorOnceClient(RealJobIdClient):
+    def load_table_from_uri(self, source_uris: Any, destination: Any,  # type: ignore[override]
+                            job_id: str | None = None, **kwargs: Any) -> bigquery.LoadJob:
+        if not self.load_job_ids and job_id is not None:
+            self.load_job_ids.append(job_id)
+            return BackendErrorJob(job_id, [source_uris],
+                                   bigquery.TableReference.from_string(destination), self)
+        return super().load_table_from_uri(source_uris, destination, job_id=job_id, **kwargs)
+
+
+def test_a_backend_error_is_loaded_again_at_once_under_a_new_id(
+    stack: Stack, dataset: str
+) -> None:
+    """BigQuery's troubleshooting guide: a job that failed with backendError can be retried."""
+    client = bq_client(stack.bq, BackendErrorOnceClient)
+    assert isinstance(client, BackendErrorOnceClient)
+    warehouse = BigQueryWarehouse(client, dataset, LOCATION)
+    waits: list[float] = []
+    warehouse._sleep = waits.append
+    p = stack.processed()
+    assert load(warehouse, p).status == "loaded"
+    first, second = client.load_job_ids
+    assert second == f"{first}_retry1"
+    assert len(waits) == 1 and 0 < waits[0] <= 2
+    assert total_rows(warehouse) == p.rows
+
+
+def test_a_permanent_job_failure_is_not_retried_in_the_run(stack: Stack, dataset: str) -> None:
+    client = bq_client(stack.bq, RealJobIdClient)
+    warehouse = BigQueryWarehouse(client, dataset, LOCATION)
+    with pytest.raises(BigQueryLoadError, match="could not read"):
+        load(warehouse, stack.processed(), object_uri=f"gs://{BUCKET}/processed/nope.parquet")
+    assert len(client.load_job_ids) == 1  # type: ignore[attr-defined]
 
 
 # -- settings --------------------------------------------------------------------------
@@ -622,12 +709,14 @@ class SpyClient(bigquery.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queries: list[tuple[str, dict[str, tuple[str, Any]]]] = []
+        self.configs: list[Any] = []
 
     def query(self, query: str, job_config: Any = None,  # type: ignore[override]
               **kwargs: Any) -> bigquery.QueryJob:
         params = {p.name: (p.type_, p.value)
                   for p in (job_config.query_parameters if job_config else [])}
         self.queries.append((query, params))
+        self.configs.append(job_config)
         return super().query(query, job_config=job_config, **kwargs)
 
     def merges(self, table: str) -> list[tuple[str, dict[str, tuple[str, Any]]]]:
@@ -777,3 +866,164 @@ def test_a_replacement_load_advances_loaded_at(
     assert second["source_generation"] == 2
     assert isinstance(first["loaded_at"], datetime) and isinstance(second["loaded_at"], datetime)
     assert second["loaded_at"] > first["loaded_at"]
+
+
+# -- DML conflicts, bytes billed (issue 20, defects 5 and 6) -------------------------------
+
+# The error payloads BigQuery returns, as python-bigquery turns them into exceptions: from
+# a job's errorResult (`_error_result_to_exception`) and from an HTTP 400 response body
+# (`from_http_response`, the body of jobs.getQueryResults).
+SERIALIZE = {"reason": "invalidQuery", "location": "q", "locationType": "parameter",
+             "domain": "global",
+             "message": "Could not serialize access to table taxi-test:taxi.trips due to "
+                        "concurrent update"}
+OUTSTANDING = {"reason": "resourcesExceeded", "domain": "global",
+               "message": "Resources exceeded during query execution: Too many DML statements "
+                          "outstanding against table taxi-test:taxi.trips, limit is 20"}
+
+
+def from_job(error: dict[str, str]) -> Exception:
+    from google.cloud.bigquery.job.base import _error_result_to_exception
+    return _error_result_to_exception(error, [error])
+
+
+def from_http(error: dict[str, str]) -> Exception:
+    import json
+
+    import requests
+    from google.api_core.exceptions import from_http_response
+    response = requests.Response()
+    response.status_code = 400
+    response._content = json.dumps({"error": {
+        "code": 400, "message": error["message"], "errors": [error],
+        "status": "INVALID_ARGUMENT"}}).encode()
+    response.request = requests.Request(
+        "GET", "https://bigquery.googleapis.com/bigquery/v2/projects/p/queries/j").prepare()
+    return from_http_response(response)
+
+
+@pytest.mark.parametrize("make", [from_job, from_http])
+def test_dml_conflicts_are_told_apart_from_real_mistakes(make: Any) -> None:
+    from taxi_pipeline.warehouse.bigquery_warehouse import is_dml_conflict
+
+    assert is_dml_conflict(make(SERIALIZE))
+    assert is_dml_conflict(make(OUTSTANDING))
+    syntax = {"reason": "invalidQuery", "message": "Syntax error: Unexpected keyword MERGE"}
+    memory = {"reason": "resourcesExceeded",
+              "message": "Resources exceeded during query execution: The query could not be "
+                         "executed in the allotted memory."}
+    assert not is_dml_conflict(make(syntax))
+    assert not is_dml_conflict(make(memory))
+    assert not is_dml_conflict(ValueError("due to concurrent update"))
+    # python-bigquery's own retry leaves both to the caller (the reason of this code):
+    from google.cloud.bigquery.retry import _job_should_retry, _should_retry
+    for error in (SERIALIZE, OUTSTANDING):
+        assert not _should_retry(make(error)) and not _job_should_retry(make(error))
+
+
+class ScriptedJob:
+    def __init__(self, error: Exception | None) -> None:
+        self.error = error
+        self.dml_stats = None
+        self.num_dml_affected_rows = 0
+
+    def result(self) -> list[Any]:
+        if self.error is not None:
+            raise self.error
+        return []
+
+
+class ScriptedClient:
+    """Answers queries with the scripted errors first, then successes; records configs."""
+
+    project = PROJECT
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.configs: list[Any] = []
+
+    def query(self, sql: str, job_config: Any, **kwargs: Any) -> ScriptedJob:
+        self.configs.append(job_config)
+        return ScriptedJob(self.errors.pop(0) if self.errors else None)
+
+
+def test_a_statement_refused_by_concurrent_dml_runs_again_with_backoff_and_jitter() -> None:
+    client = ScriptedClient(from_http(SERIALIZE), from_job(OUTSTANDING), from_job(SERIALIZE))
+    warehouse = BigQueryWarehouse(client, "taxi", LOCATION)  # type: ignore[arg-type]
+    waits: list[float] = []
+    warehouse._sleep = waits.append
+    warehouse._replace_rows(TABLE, "_staging_x", CANONICAL_SCHEMA, YELLOW_URI, 3, 10, None)
+    assert len(client.configs) == 4  # three refusals, then it ran
+    assert [0.5 <= w <= 1 for w in waits] == [True, False, False]
+    assert 1 <= waits[1] <= 2 and 2 <= waits[2] <= 4  # doubling, jittered
+
+
+def test_concurrent_dml_past_the_retry_budget_and_other_errors_are_raised() -> None:
+    warehouse = BigQueryWarehouse(ScriptedClient(*[from_job(SERIALIZE)] * 50),  # type: ignore[arg-type]
+                                  "taxi", LOCATION, dml_retry_seconds=0)
+    with pytest.raises(Exception, match="concurrent update"):
+        warehouse._replace_rows(TABLE, "_staging_x", CANONICAL_SCHEMA, YELLOW_URI, 3, 10, None)
+    syntax = from_job({"reason": "invalidQuery", "message": "Syntax error"})
+    client = ScriptedClient(syntax)
+    warehouse = BigQueryWarehouse(client, "taxi", LOCATION)  # type: ignore[arg-type]
+    warehouse._sleep = lambda seconds: pytest.fail("a real mistake must not be retried")
+    with pytest.raises(Exception, match="Syntax error"):
+        warehouse._replace_rows(TABLE, "_staging_x", CANONICAL_SCHEMA, YELLOW_URI, 3, 10, None)
+    assert len(client.configs) == 1
+
+
+def test_every_statement_is_capped_in_bytes_billed(
+    spied: tuple[BigQueryWarehouse, SpyClient], stack: Stack
+) -> None:
+    warehouse, client = spied
+    load(warehouse, stack.processed(rows=300))
+    configs = client.configs
+    assert configs and all(c.maximum_bytes_billed == 100 * 2**30 for c in configs)
+    capped = BigQueryWarehouse(client, warehouse.dataset, LOCATION, max_bytes_billed=2**30)
+    load(capped, stack.processed(source_generation=2, rows=300))
+    assert configs[-1].maximum_bytes_billed == 2**30
+
+
+def test_the_bytes_billed_cap_says_what_to_do() -> None:
+    error = {"reason": "bytesBilledLimitExceeded",
+             "message": "Query exceeded limit for bytes billed: 10485760. 20971520 or higher "
+                        "required."}
+    warehouse = BigQueryWarehouse(ScriptedClient(from_job(error)),  # type: ignore[arg-type]
+                                  "taxi", LOCATION, max_bytes_billed=10485760)
+    with pytest.raises(BigQueryLoadError, match=r"(?s)10485760 bytes.*TAXI_BQ_MAX_BYTES_BILLED"):
+        warehouse._replace_rows(TABLE, "_staging_x", CANONICAL_SCHEMA, YELLOW_URI, 3, 10, None)
+
+
+def empty_processed(stack: Stack, source_generation: int = 1) -> Processed:
+    """A processed object with no rows (every row of its source rejected)."""
+    from taxi_pipeline.lineage import lineage_metadata
+    path = stack.work / f"empty-{uuid.uuid4().hex[:6]}.parquet"
+    pq.write_table(CANONICAL_SCHEMA.with_metadata(lineage_metadata(YELLOW_URI, source_generation))
+                   .empty_table(), path)
+    blob = stack.bucket.blob(f"processed/yellow/{path.name}")
+    blob.upload_from_filename(str(path))
+    return Processed(path, f"gs://{BUCKET}/{blob.name}", int(blob.generation or 0), YELLOW_URI,
+                     source_generation, 0)
+
+
+def test_an_empty_first_load_runs_no_unbounded_merge(
+    spied: tuple[BigQueryWarehouse, SpyClient], stack: Stack
+) -> None:
+    """Issue 20, defect 6: an empty processed object as a source's first load scanned the
+    whole table (a MERGE with no partition filter); now nothing needs merging."""
+    warehouse, client = spied
+    other = stack.processed(dataset="green", source_uri=GREEN_URI, rows=400)
+    load(warehouse, other)
+    empty = empty_processed(stack)
+    assert load(warehouse, empty).status == "loaded"
+    merges = client.merges(TABLE)
+    assert len(merges) == 1  # the green load's; none for the empty one
+    assert warehouse.loaded(TABLE, YELLOW_URI) == (1, 0)
+    # Its rows once there are some, then empty again: bounded by the recorded months.
+    january = stack.processed(source_generation=2, rows=300)
+    load(warehouse, january)
+    load(warehouse, empty_processed(stack, source_generation=3))
+    for sql, _ in client.merges(TABLE)[1:]:
+        assert all(part in sql for part in BOUNDED)
+    assert warehouse.rows_for(TABLE, YELLOW_URI) == 0
+    assert warehouse.rows_for(TABLE, GREEN_URI) == other.rows

@@ -54,7 +54,9 @@ def warehouse_from_settings(settings: Settings) -> Warehouse:
         from taxi_pipeline.warehouse.bigquery_warehouse import BigQueryWarehouse
 
         return BigQueryWarehouse(bigquery_client(settings), settings.bq_dataset,
-                                 settings.bq_location)
+                                 settings.bq_location,
+                                 max_bytes_billed=settings.bq_max_bytes_billed,
+                                 dml_retry_seconds=settings.bq_dml_retry_seconds)
     raise NotImplementedError(
         f"profile {settings.profile!r} has no warehouse; use local, emulator or gcp"
     )

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+import random
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
@@ -50,9 +52,25 @@ LOAD_RANGES = "_load_ranges"
 STAGING_PREFIX = "_staging_"
 # Leftover staging tables of crashed runs disappear by themselves on BigQuery.
 STAGING_TTL = timedelta(days=7)
-# Job ids are unique per project forever on BigQuery; a few extra attempts cover
-# a job that ran before but whose staging table is gone (see `_stage`).
-MAX_LOAD_ATTEMPTS = 3
+# Job ids are unique per project forever on BigQuery, so every load job of one object
+# generation gets the next attempt id (`_retryN`) once the previous one failed or its
+# staging table is gone (see `_stage`). The walk is bounded: past this many attempts a
+# person has to look (the error says what the last job said).
+MAX_LOAD_ATTEMPTS = 50
+# A load job that failed with one of these reasons is tried again at once under the next
+# attempt id, this many times (BigQuery's troubleshooting guide: retry backendError,
+# internalError; rateLimitExceeded after a backoff).
+RETRYABLE_JOB_REASONS = frozenset({"backendError", "internalError", "rateLimitExceeded",
+                                   "jobBackendError", "jobInternalError",
+                                   "jobRateLimitExceeded", "badGateway"})
+JOB_RETRIES_IN_RUN = 2
+# The longest statement a load may need reads the source's months of the target twice
+# and the staging table once (a few GB for a TLC month); the default cap is far above it.
+DEFAULT_MAX_BYTES_BILLED = 100 * 2**30
+# Backoff of a statement BigQuery refused because another DML statement held the table.
+DML_RETRY_FIRST = 1.0
+DML_RETRY_MAX = 60.0
+DEFAULT_DML_RETRY_SECONDS = 600.0
 
 # The REST API answers with legacy type names; compare in standard SQL names.
 _LEGACY_TYPES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL"}
@@ -82,6 +100,45 @@ logger = logging.getLogger(__name__)
 
 class BigQueryLoadError(RuntimeError):
     """A load could not complete; the target table is unchanged. The message says why."""
+
+
+def error_reason(exc: BaseException) -> tuple[str, str]:
+    """(reason, message) of a BigQuery API error (its first structured error)."""
+    errors = getattr(exc, "errors", None) or []
+    first = errors[0] if errors and isinstance(errors[0], Mapping) else {}
+    reason = str(first.get("reason") or "")
+    message = str(first.get("message") or getattr(exc, "message", None) or exc)
+    return reason, message
+
+
+def is_dml_conflict(exc: BaseException) -> bool:
+    """Whether BigQuery refused a DML statement because of other DML on the same table.
+
+    Two errors, neither retried by python-bigquery's default retry (their reasons are
+    `invalidQuery` and `resourcesExceeded`, which also mean real mistakes):
+    - "Could not serialize access to table P:D.T due to concurrent update" (invalidQuery):
+      a concurrent mutating statement committed first;
+    - "Resources exceeded during query execution: Too many DML statements outstanding
+      against table P:D.T, limit is 20" (resourcesExceeded): the table's DML queue is full.
+    Both leave the table as it was, so running the statement again is safe.
+    """
+    if not isinstance(exc, api_exceptions.GoogleAPICallError):
+        return False
+    texts = [str(getattr(exc, "message", "") or "")]
+    texts += [str(e.get("message", "")) for e in (exc.errors or []) if isinstance(e, Mapping)]
+    reasons = {str(e.get("reason", "")) for e in (exc.errors or []) if isinstance(e, Mapping)}
+    text = " ".join(texts)
+    if "due to concurrent update" in text and (not reasons or reasons & {"invalidQuery",
+                                                                          "invalid"}):
+        return True
+    return ("Too many DML statements outstanding" in text
+            and (not reasons or bool(reasons & {"resourcesExceeded", "quotaExceeded"})))
+
+
+def is_retryable_job_failure(error_result: Mapping[str, object] | None) -> bool:
+    """A load job's errorResult that BigQuery says may succeed when run again."""
+    return bool(error_result) and str((error_result or {}).get("reason")) in \
+        RETRYABLE_JOB_REASONS
 
 
 def bigquery_type(arrow_type: pa.DataType) -> str:
@@ -187,6 +244,8 @@ class BigQueryWarehouse:
         *,
         partition_field: str | None = "pickup_datetime",
         cluster_fields: tuple[str, ...] = ("source_uri",),
+        max_bytes_billed: int = DEFAULT_MAX_BYTES_BILLED,
+        dml_retry_seconds: float = DEFAULT_DML_RETRY_SECONDS,
     ) -> None:
         self.client = client
         # Identifiers are formatted into SQL, so only valid spellings get through
@@ -196,7 +255,11 @@ class BigQueryWarehouse:
         self.location = location
         self.partition_field = partition_field
         self.cluster_fields = cluster_fields
+        self.max_bytes_billed = max_bytes_billed
+        self.dml_retry_seconds = dml_retry_seconds
         self._ready: set[str] = set()
+        # Overridable in tests: how the warehouse waits between attempts.
+        self._sleep: Callable[[float], None] = time.sleep
 
     # -- names -----------------------------------------------------------------
 
@@ -392,13 +455,48 @@ class BigQueryWarehouse:
 
     def _query(self, sql: str, params: Mapping[str, ParamValue] | None = None
                ) -> tuple[bigquery.QueryJob, list[bigquery.Row]]:
-        """Run one parameterised statement; (finished job, result rows)."""
+        """Run one parameterised statement; (finished job, result rows).
+
+        Every statement is capped at `max_bytes_billed` (TAXI_BQ_MAX_BYTES_BILLED). A
+        statement refused because other DML held the table (`is_dml_conflict`) runs
+        again after a backoff with jitter, for up to `dml_retry_seconds`: a second
+        writer (a manual re-emit, another pool, a person's query) delays a load but
+        cannot fail it. Each attempt is a new job (the client names it), and a refused
+        DML statement changed nothing, so running it again is safe.
+        """
         config = bigquery.QueryJobConfig(
-            query_parameters=[_param(name, value) for name, value in (params or {}).items()]
+            query_parameters=[_param(name, value) for name, value in (params or {}).items()],
+            maximum_bytes_billed=self.max_bytes_billed,
         )
-        job = self.client.query(sql, job_config=config, location=self.location,
-                                job_id_prefix="taxi_")
-        return job, list(job.result())
+        deadline = time.monotonic() + self.dml_retry_seconds
+        delay = DML_RETRY_FIRST
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                job = self.client.query(sql, job_config=config, location=self.location,
+                                        job_id_prefix="taxi_")
+                return job, list(job.result())
+            except api_exceptions.GoogleAPICallError as exc:
+                reason, message = error_reason(exc)
+                if reason == "bytesBilledLimitExceeded" or "limit for bytes billed" in message:
+                    raise BigQueryLoadError(
+                        f"BigQuery refused a statement that would bill more than "
+                        f"{self.max_bytes_billed} bytes ({message}); nothing changed. A load "
+                        "never needs that much: check that the table is partitioned by month "
+                        "and clustered on source_uri. For a one-off (the first load into a "
+                        "large table made before this version), raise "
+                        "TAXI_BQ_MAX_BYTES_BILLED and re-emit the object. Statement: "
+                        f"{sql.splitlines()[0][:160]}"
+                    ) from exc
+                wait = min(delay, DML_RETRY_MAX) * random.uniform(0.5, 1.0)
+                if not is_dml_conflict(exc) or time.monotonic() + wait > deadline:
+                    raise
+                logger.warning("statement refused by concurrent DML (%s), attempt %d; running "
+                               "it again in %.1fs: %s", message, attempt, wait,
+                               sql.splitlines()[0][:120])
+                self._sleep(wait)
+                delay *= 2
 
     def _previous_load(self, table: str, source_uri: str) -> tuple[int, str, int] | None:
         _, rows = self._query(
@@ -478,16 +576,48 @@ class BigQueryWarehouse:
                source_uri: str, source_generation: int) -> _Staged:
         """Load the object into the staging table and check its rows' lineage.
 
-        A job adopted after a 409 (BigQuery: that id ran before) is only trusted if
-        the staging table still holds its rows; when a finished run already dropped
-        it, the load runs again under the next attempt id.
+        Attempt n runs under job id `_job_id(..., n)`. BigQuery answers 409 for an id
+        that ran before; that job is adopted (waited for) and trusted only if it
+        succeeded and the staging table still holds its rows. Otherwise (it failed,
+        or a finished run already dropped its staging table) the next attempt id is
+        tried: a failed job never blocks the object, and the load log, not the job,
+        decides what counts as loaded, so another attempt never doubles rows.
+        A job of this run that fails with a transient reason (backendError,
+        internalError, rateLimitExceeded) is run again at once, at most
+        JOB_RETRIES_IN_RUN times; other failures are raised, and the next run (task
+        retry, recover, reconcile, a re-emit) starts from the next attempt id.
         """
         fields = bigquery_schema(schema)
+        retried = 0
+        last_failure = ""
         for attempt in range(MAX_LOAD_ATTEMPTS):
             self._create_staging(staging, fields)
             job_id = self._job_id("stage", object_uri, object_generation,
                                   self._table_id(staging), attempt)
-            job, adopted = self._run_load_job(job_id, object_uri, staging, fields)
+            job, adopted, failure = self._run_load_job(job_id, object_uri, staging, fields)
+            if failure is not None:
+                last_failure = failure
+                if adopted:
+                    logger.info("load job %s for %s failed on an earlier run (%s); loading "
+                                "under the next attempt id", job_id, object_uri, failure)
+                    continue
+                if is_retryable_job_failure(job.error_result) and retried < JOB_RETRIES_IN_RUN:
+                    retried += 1
+                    wait = min(2.0 ** retried, 30.0) * random.uniform(0.5, 1.0)
+                    logger.warning("load job %s for %s failed (%s), which BigQuery says may "
+                                   "succeed when run again; loading under the next attempt id "
+                                   "in %.1fs", job_id, object_uri, failure, wait)
+                    self._sleep(wait)
+                    continue
+                raise BigQueryLoadError(
+                    f"load job {job_id} could not read {object_uri}: {failure}. Nothing in "
+                    "the table changed. If the object is missing or is not a parquet file "
+                    "written by the transform flow, re-run the transform for its source; if "
+                    "BigQuery lacks access, grant it (roles/storage.objectViewer on the "
+                    "bucket). The next run of this load uses a new job id, so once the cause "
+                    "is fixed it loads by itself (task retries, the recover and reconcile "
+                    "deployments) or at once when you re-emit it (`taxi-pipeline reemit`)."
+                )
             staged = self._inspect_staging(staging, object_uri, source_uri, source_generation)
             if staged is not None and staged.rows == (job.output_rows or 0):
                 return staged
@@ -498,12 +628,14 @@ class BigQueryWarehouse:
                     f"{'none' if staged is None else staged.rows}: another run loaded the same "
                     "object at the same time. Retry; it will find the object loaded."
                 )
-            logger.info("job %s ran before but staging no longer holds its rows; loading again",
-                        job_id)
+            logger.info("job %s for %s ran before but staging no longer holds its rows; "
+                        "loading again", job_id, object_uri)
         raise BigQueryLoadError(
-            f"{object_uri} (generation {object_generation}) was loaded {MAX_LOAD_ATTEMPTS} times "
-            "before without being recorded in the load log; write a new generation of the "
-            "object (re-run the transform) to load it under a fresh job id."
+            f"{object_uri} (generation {object_generation}) has had {MAX_LOAD_ATTEMPTS} load "
+            f"jobs, none of them recorded in the load log; the last said: "
+            f"{last_failure or 'succeeded, but its staging table was gone'}. Look at the "
+            "jobs in the BigQuery console (ids taxi_stage_...), fix the cause, then write a "
+            "new generation of the object (re-run the transform for its source)."
         )
 
     def _create_staging(self, staging: str, fields: list[bigquery.SchemaField]) -> None:
@@ -513,8 +645,12 @@ class BigQueryWarehouse:
         self.client.create_table(table, exists_ok=True)
 
     def _run_load_job(self, job_id: str, object_uri: str, staging: str,
-                      fields: list[bigquery.SchemaField]) -> tuple[bigquery.LoadJob, bool]:
-        """(finished load job, adopted): adopted means it already existed (409 Conflict)."""
+                      fields: list[bigquery.SchemaField]
+                      ) -> tuple[bigquery.LoadJob, bool, str | None]:
+        """(finished load job, adopted, why it failed or None).
+
+        Adopted means the id existed already (409 Conflict): that job is waited for.
+        """
         config = bigquery.LoadJobConfig(
             source_format=bigquery.SourceFormat.PARQUET,
             write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE,
@@ -538,19 +674,11 @@ class BigQueryWarehouse:
         try:
             job.result()
         except api_exceptions.GoogleAPICallError as exc:
-            reason = (job.error_result or {}).get("message") or getattr(exc, "message", str(exc))
-            if adopted:
-                raise BigQueryLoadError(
-                    f"load job {job_id} for {object_uri} already ran on BigQuery and failed: "
-                    f"{reason}. A job id cannot be reused, so fix the cause and write a new "
-                    "generation of the object (re-run the transform for its source)."
-                ) from exc
-            raise BigQueryLoadError(
-                f"load job {job_id} could not read {object_uri}: {reason}. Nothing in the "
-                "table changed. Check that the object exists, is a parquet file written by "
-                "the transform flow and is readable by BigQuery; then re-emit it."
-            ) from exc
-        return job, adopted
+            result = job.error_result or {}
+            reason = str(result.get("reason") or error_reason(exc)[0] or type(exc).__name__)
+            message = str(result.get("message") or error_reason(exc)[1])
+            return job, adopted, f"{reason}: {message}"
+        return job, adopted, None
 
     def _inspect_staging(self, staging: str, object_uri: str, source_uri: str,
                          source_generation: int) -> _Staged | None:
@@ -645,6 +773,13 @@ class BigQueryWarehouse:
                                       staged.rows, None)
         bound = self._widen(table, source_uri, staged)
         deleted = 0
+        if bound is None and staged.rows == 0 and not self._months(table, source_uri)[0]:
+            # Nothing to insert and no months recorded: the table holds no row of this
+            # source (`_init_ranges` recorded every older one), so there is nothing to
+            # delete either, and the MERGE, with no months to bound it, would scan the
+            # whole table for nothing. (Recorded but unknown months still take the
+            # unbounded MERGE, capped by TAXI_BQ_MAX_BYTES_BILLED: rows are out there.)
+            return 0, 0
         while True:
             inserted, removed = self._replace_rows(table, staging, schema, source_uri,
                                                    source_generation, staged.rows, bound)
