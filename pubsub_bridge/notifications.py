@@ -1,4 +1,4 @@
-"""GCS Pub/Sub notifications (JSON_API_V1) -> ObjectRef, or a reason to ignore or reject.
+"""GCS Pub/Sub notifications (JSON_API_V1 or NONE) -> ObjectRef, or a reason to ignore or reject.
 
 Pure functions, so every poison case is unit-tested without an emulator.
 """
@@ -16,6 +16,7 @@ from taxi_pipeline.objects import ObjectRef
 
 FINALIZE = "OBJECT_FINALIZE"
 JSON_API_V1 = "JSON_API_V1"
+NONE = "NONE"
 
 
 class Ignored(Exception):
@@ -65,25 +66,36 @@ def parse_notification(attributes: Mapping[str, str], data: bytes, scope: Scope)
     event_type = attributes["eventType"]
     if event_type != FINALIZE:
         raise Ignored(f"event_type:{event_type}")
-    payload_format = attributes.get("payloadFormat", JSON_API_V1)
-    if payload_format != JSON_API_V1:
-        raise Rejected("payload_format", f"payloadFormat {payload_format!r}, need JSON_API_V1")
-    try:
-        generation = int(attributes["objectGeneration"])
-    except ValueError:
-        raise Rejected("bad_generation",
-                       f"objectGeneration {attributes['objectGeneration']!r}") from None
-    try:
-        resource = json.loads(data.decode("utf-8")) if data else {}
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise Rejected("not_json", f"data is not JSON ({exc})") from None
-    if not isinstance(resource, dict):
-        raise Rejected("not_json", "data is JSON but not an object resource")
+    # Scope before format: a message about another bucket or prefix is ignored
+    # whatever its payload, never reported as rejected.
     bucket, name = attributes["bucketId"], attributes["objectId"]
     if scope.buckets and bucket not in scope.buckets:
         raise Ignored("bucket")
     if not name.startswith(scope.prefixes):
         raise Ignored("prefix")
+    try:
+        generation = int(attributes["objectGeneration"])
+    except ValueError:
+        raise Rejected("bad_generation",
+                       f"objectGeneration {attributes['objectGeneration']!r}") from None
+    payload_format = attributes.get("payloadFormat", JSON_API_V1)
+    if payload_format == NONE:
+        # A notification configured without payload: bucket, name and generation are in
+        # the attributes, and the flows read the object (pinned to that generation)
+        # themselves, so nothing is missing but the metadata the event would carry.
+        resource: dict[str, Any] = {}
+    elif payload_format != JSON_API_V1:
+        raise Rejected("payload_format",
+                       f"payloadFormat {payload_format!r}: need JSON_API_V1 or NONE (set the "
+                       "bucket notification's payload format to json or none)")
+    else:
+        try:
+            decoded = json.loads(data.decode("utf-8")) if data else {}
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise Rejected("not_json", f"data is not JSON ({exc})") from None
+        if not isinstance(decoded, dict):
+            raise Rejected("not_json", "data is JSON but not an object resource")
+        resource = decoded
     size = resource.get("size")
     # The transform sets the lineage as custom metadata on processed objects (GCS).
     lineage = events.lineage_in(resource.get("metadata"))

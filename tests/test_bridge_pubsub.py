@@ -277,6 +277,15 @@ def test_notifications_become_stored_events_and_poison_is_counted(bridge_factory
     publish_raw(json.dumps({"size": "20"}).encode(), notification)
     wait_metric(bridge, "acked", 6)
     wait_all_stored("raw/basic/", objects)
+
+    # A notification without payload (payloadFormat NONE) is an event too (issue 20, 7).
+    bare = {**notification, "objectId": "raw/basic/no-payload.parquet",
+            "objectGeneration": "1700000000000001", "payloadFormat": "NONE"}
+    publish_raw(b"", bare)
+    wait_metric(bridge, "acked", 7)
+    wait_all_stored("raw/basic/", [*objects, ("raw/basic/no-payload.parquet",
+                                              1700000000000001)])
+    assert bridge.metric("rejected", why="payload_format") == 0
     assert bridge.stop() == 0
 
 

@@ -216,11 +216,34 @@ def test_bad_generation_is_rejected(generation: str) -> None:
     assert generation in info.value.detail
 
 
-def test_payload_format_none_is_rejected() -> None:
+def test_payload_format_none_is_accepted_from_the_attributes() -> None:
+    """Issue 20, defect 7: a notification configured without payload (`payloadFormat: NONE`,
+    empty data) names the object generation in its attributes, and the flows read the
+    object themselves."""
+    ref = parse_notification(attributes(payloadFormat="NONE"), b"", SCOPE)
+    assert (ref.bucket, ref.name, ref.generation, ref.scheme) == (BUCKET, RAW_NAME,
+                                                                   int(GENERATION), "gs")
+    assert ref.uri == f"gs://{BUCKET}/{RAW_NAME}"
+    assert ref.size is None and ref.md5_hash is None
+
+
+def test_an_unknown_payload_format_is_rejected_and_says_which_work() -> None:
     with pytest.raises(Rejected) as info:
-        parse_notification(attributes(payloadFormat="NONE"), b"", SCOPE)
+        parse_notification(attributes(payloadFormat="PROTOBUF"), b"\x08\x01", SCOPE)
     assert info.value.why == "payload_format"
-    assert "NONE" in info.value.detail
+    assert "JSON_API_V1 or NONE" in info.value.detail
+
+
+@pytest.mark.parametrize("outside", [{"bucket": "someone-else"},
+                                     {"name": "elsewhere/yellow_tripdata_2024-01.parquet"}])
+@pytest.mark.parametrize("oddity", [{"payloadFormat": "PROTOBUF"}, {"generation": "abc"},
+                                    {"payloadFormat": "NONE"}])
+def test_scope_is_checked_before_format(outside: dict[str, str], oddity: dict[str, str]
+                                        ) -> None:
+    """A message about another bucket or prefix is ignored, whatever its format, not
+    reported (and recorded) as rejected."""
+    with pytest.raises(Ignored):
+        parse_notification(attributes(**outside, **oddity), b"not json", SCOPE)
 
 
 def test_rejected_and_ignored_are_distinct_exceptions() -> None:
