@@ -397,3 +397,60 @@ def test_rejects_schema_has_a_nullable_detail() -> None:
     assert REJECTS_SCHEMA.field("reject_detail").nullable
     assert REJECTS_SCHEMA.names[:-2] == CANONICAL_SCHEMA.names
     assert quality.RULES[0] == quality.UNPARSEABLE_VALUE
+
+
+def test_numbers_that_are_no_integer_reject_their_rows_with_column_and_value(
+        tlc_data_dir: Path, tmp_path: Path) -> None:
+    """Issue 20, defect 3: the real yellow file (passenger_count and RatecodeID are doubles
+    there) with a fractional, an out-of-range and an infinite passenger count, an out-of-range
+    RatecodeID and an out-of-range zone id (an int64 column). Each such row is rejected as
+    `unparseable_value` naming the column and the value; none is truncated or nulled.
+    (NaN stays "not recorded", like null: test_null_passenger_count_is_kept_...)"""
+    path = tlc_data_dir / "yellow_tripdata_sample.parquet"
+    source = pq.read_table(path)
+    clean = run(path, tmp_path, month=(2025, 2), tag="clean")
+    # Source rows the clean run keeps (processed rows keep the source order).
+    kept = clean.processed.column("pickup_datetime").to_pylist()
+    pickups = source.column("tpep_pickup_datetime").to_pylist()
+    good_rows, j = [], 0
+    for i, pickup in enumerate(pickups[:200]):
+        if j < len(kept) and kept[j] == pickup:
+            good_rows.append(i)
+            j += 1
+    a, b, c, d, e = good_rows[:5]
+    passengers = source.column("passenger_count").to_pylist()
+    ratecodes = source.column("RatecodeID").to_pylist()
+    zones = source.column("PULocationID").to_pylist()
+    passengers[a], passengers[b], passengers[c] = 1.7, 1e12, float("inf")
+    ratecodes[d] = 3e10
+    zones[e] = 2**31 + 5
+    odd_table = _replace(_replace(_replace(
+        source, "passenger_count", pa.array(passengers, pa.float64())),
+        "RatecodeID", pa.array(ratecodes, pa.float64())),
+        "PULocationID", pa.array(zones, pa.int64()))
+    odd = tmp_path / "yellow_tripdata_2025-02.parquet"
+    pq.write_table(odd_table, odd)
+    result = run(odd, tmp_path, month=(2025, 2), tag="odd")
+
+    assert_common_invariants(result, source.num_rows)
+    assert result.stats.rejected == clean.stats.rejected + Counter({"unparseable_value": 5})
+    assert result.stats.rows_out == clean.stats.rows_out - 5
+    assert result.stats.unparseable == Counter(
+        {"passenger_count": 3, "ratecode_id": 1, "pickup_location_id": 1})
+    bad = result.rejects.filter(pc.equal(result.rejects.column("reject_reason"),
+                                         "unparseable_value"))
+    assert sorted(bad.column("reject_detail").to_pylist()) == sorted([
+        "passenger_count='1.7'", "passenger_count='1e+12'", "passenger_count='inf'",
+        "ratecode_id='3e+10'", f"pickup_location_id='{2**31 + 5}'"])
+    # Whole numbers stored as doubles (the real file's own cells) still load as integers.
+    assert result.processed.column("passenger_count").type == pa.int32()
+    assert pc.sum(pc.is_valid(result.processed.column("passenger_count"))).as_py() > 0
+
+
+def test_integer_text_with_a_fraction_is_rejected(tmp_path: Path) -> None:
+    table = _raw_table(passenger_count=["1", "2.5", "3.0"])
+    path = tmp_path / "x.parquet"
+    pq.write_table(table, path)
+    result = run(path, tmp_path)
+    assert result.rejects.column("reject_detail").to_pylist() == ["passenger_count='2.5'"]
+    assert result.processed.column("passenger_count").to_pylist() == [1, 3]

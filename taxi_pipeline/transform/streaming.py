@@ -246,17 +246,47 @@ def _parse_times(text: pa.Array) -> pa.Array:
         return _parse_times_slowly(text)
 
 
-def _to_int32(values: pa.Array) -> pa.Array:
-    """Integer codes stored as double in some years: NaN or out-of-range become null."""
+def _not_int32(values: pa.Array) -> pa.Array | None:
+    """Cells of a numeric array that are no int32 value: fractional, infinite or out of
+    range (a passenger count of 1.7, a zone id of 3e10). None when there are none.
+
+    Nulls and NaN are not bad: both are "not recorded" (how pandas-written files of
+    some years store a missing code), which the quality rules judge.
+    """
     if pa.types.is_floating(values.type):
-        bad = pc.or_(pc.is_nan(values), pc.greater(pc.abs(values), _INT32_LIMIT))
-        values = pc.if_else(pc.fill_null(bad, False), pa.scalar(None, values.type), values)
-        return pc.cast(pc.trunc(values), pa.int32(), safe=False)
-    if pa.types.is_integer(values.type):
-        too_big = pc.fill_null(pc.greater(pc.abs(values), _INT32_LIMIT), False)
-        values = pc.if_else(too_big, pa.scalar(None, values.type), values)
+        bad = pc.and_(pc.invert(pc.is_nan(values)),
+                      pc.or_(pc.is_inf(values),
+                             pc.or_(pc.greater(pc.abs(values), _INT32_LIMIT),
+                                    pc.not_equal(values, pc.trunc(values)))))
+    elif pa.types.is_integer(values.type) and pa.types.is_signed_integer(values.type) \
+            and values.type.bit_width <= 32:
+        return None
+    elif pa.types.is_integer(values.type):
+        bad = pc.greater(values, _INT32_LIMIT) if pa.types.is_unsigned_integer(values.type) \
+            else pc.or_(pc.greater(values, _INT32_LIMIT), pc.less(values, -_INT32_LIMIT))
+    else:
+        return None
+    bad = pc.fill_null(bad, False)
+    return bad if pc.any(bad).as_py() else None
+
+
+def _to_int32(values: pa.Array, bad: pa.Array | None = None) -> pa.Array:
+    """Integer codes stored as double in some years; NaN and the `bad` cells (see
+    `_not_int32`) become null here, and the caller rejects the rows of the bad ones."""
+    if pa.types.is_floating(values.type):
+        nan = pc.fill_null(pc.is_nan(values), False)
+        bad = nan if bad is None else pc.or_(bad, nan)
+    if bad is not None:
+        values = pc.if_else(bad, pa.scalar(None, values.type), values)
+    if pa.types.is_floating(values.type) or pa.types.is_integer(values.type):
         return pc.cast(values, pa.int32(), safe=False)
     return pc.cast(values, pa.int32())
+
+
+def _either(first: pa.Array | None, second: pa.Array | None) -> pa.Array | None:
+    if first is None or second is None:
+        return first if second is None else second
+    return pc.or_(first, second)
 
 
 def _to_timestamp(values: pa.Array) -> pa.Array:
@@ -271,16 +301,28 @@ def _to_timestamp(values: pa.Array) -> pa.Array:
 
 
 def _convert(values: pa.Array, target: pa.DataType) -> tuple[pa.Array, pa.Array | None]:
-    """(the values as `target`, mask of text cells that could not be parsed or None)."""
+    """(the values as `target`, mask of cells that are no value of it, or None).
+
+    Bad cells: text that is not a number or time, and for integer columns a number
+    that is no int32 (fractional, infinite, out of range; NaN is null, "not
+    recorded"). They are null in the result and their rows are rejected
+    (`unparseable_value`, with the raw value in `reject_detail`), never coerced
+    silently.
+    """
     if _is_text(values) and (pa.types.is_int32(target) or pa.types.is_floating(target)
                              or pa.types.is_timestamp(target)):
         text = _blank_to_null(values)
         parsed = _parse_times(text) if pa.types.is_timestamp(target) else _parse_number(text)
-        failed = pc.and_(pc.is_valid(text), pc.is_null(parsed))
-        converted = _to_int32(parsed) if pa.types.is_int32(target) else parsed
-        return converted, failed if pc.any(failed).as_py() else None
+        failed: pa.Array | None = pc.and_(pc.is_valid(text), pc.is_null(parsed))
+        if not pc.any(failed).as_py():
+            failed = None
+        if pa.types.is_int32(target):
+            not_int = _not_int32(parsed)
+            return _to_int32(parsed, not_int), _either(failed, not_int)
+        return parsed, failed
     if pa.types.is_int32(target):
-        return _to_int32(values), None
+        not_int = _not_int32(values)
+        return _to_int32(values, not_int), not_int
     if pa.types.is_timestamp(target):
         return _to_timestamp(values), None
     if pa.types.is_string(target) and not pa.types.is_string(values.type):
