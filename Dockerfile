@@ -6,7 +6,8 @@
 #   server       python -m taxi_pipeline.stack.prefect_server_start   (`prefect server start`
 #                with a memoised app lookup; prefect-redis is a dependency)
 #   flow runs    prefect flow-run execute        (set by the kubernetes worker as `args`)
-#   deploy (CI)  python -m deploy --image IMAGE
+#   deploy       python -m deploy --base-job-template /opt/taxi-pipeline/k8s/work-pool/base-job-template.json
+#                (the Job taxi-deploy in k8s/base; TAXI_IMAGE names the flow-run image)
 # There is no ENTRYPOINT on purpose: the worker passes the flow-run command as the
 # container's args, which must replace CMD, not be appended to an entrypoint.
 # No HEALTHCHECK either: Kubernetes probes own health (k8s/base).
@@ -47,6 +48,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PREFECT_HOME=/var/lib/prefect \
     HOME=/home/app
 WORKDIR /home/app
+# The kubernetes work pool's base job template: for `python -m deploy` (the Job
+# taxi-deploy) and for the worker, which creates the pool with it if it starts first.
+COPY k8s/work-pool/base-job-template.json /opt/taxi-pipeline/k8s/work-pool/base-job-template.json
 # Numeric, so Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 CMD ["taxi-pipeline", "--help"]

@@ -80,7 +80,9 @@ def kubernetes_base_job_template(path: Path = BASE_JOB_TEMPLATE) -> dict[str, An
     """The kubernetes pool's base job template, kept in the repo beside the manifests."""
     if not path.is_file():
         raise RuntimeError(f"base job template {path} not found: run `python -m deploy` from a "
-                           "checkout of the repository (it reads k8s/work-pool/).")
+                           "checkout of the repository (it reads k8s/work-pool/), or pass "
+                           "--base-job-template (the image has it under "
+                           "/opt/taxi-pipeline/k8s/work-pool/).")
     return cast(dict[str, Any], json.loads(path.read_text()))
 
 
@@ -101,16 +103,16 @@ def process_base_job_template(settings: Settings) -> dict[str, Any]:
     return cast(dict[str, Any], ProcessWorker.get_default_base_job_template())
 
 
-def base_job_template(settings: Settings) -> dict[str, Any]:
-    """The template the pool must have."""
+def base_job_template(settings: Settings, path: Path | None = None) -> dict[str, Any]:
+    """The template the pool must have (kubernetes: from `path`, default the repo's)."""
     if pool_type(settings) == "kubernetes":
-        return kubernetes_base_job_template()
+        return kubernetes_base_job_template(path or BASE_JOB_TEMPLATE)
     return process_base_job_template(settings)
 
 
-async def ensure_work_pool(settings: Settings) -> str:
+async def ensure_work_pool(settings: Settings, template_path: Path | None = None) -> str:
     """Create the pool, or bring its base job template up to date; says which it did."""
-    template = base_job_template(settings)
+    template = base_job_template(settings, template_path)
     async with get_client() as client:
         try:
             pool = await client.read_work_pool(settings.work_pool)
@@ -197,11 +199,12 @@ async def alert_block_id(settings: Settings) -> UUID | None:
     return block.id
 
 
-def deploy(settings: Settings | None = None) -> dict[str, UUID]:
+def deploy(settings: Settings | None = None,
+           template_path: Path | None = None) -> dict[str, UUID]:
     """Register download (on its cron), transform, load, reconcile (on its interval),
     recover and backfill (no schedule: run on demand); point the automations at them."""
     settings = settings or get_settings()
-    asyncio.run(ensure_work_pool(settings))
+    asyncio.run(ensure_work_pool(settings, template_path))
     ids = {
         "download": register(download, "scheduled", settings, cron=settings.download_cron),
         "transform": register(transform, settings.transform_deployment, settings),
@@ -229,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image", help="flow-run image of the kubernetes pool (gcp profile), "
                         "e.g. REGION-docker.pkg.dev/PROJECT/REPO/taxi-pipeline@sha256:...; "
                         "default: TAXI_IMAGE")
+    parser.add_argument("--base-job-template", type=Path, default=None,
+                        help="the kubernetes pool's base job template (default: "
+                             "k8s/work-pool/base-job-template.json beside this file; in the "
+                             "image: /opt/taxi-pipeline/k8s/work-pool/base-job-template.json)")
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.image:
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     except SettingsError as exc:
         # A user error: the message says what to set; no traceback.
         raise SystemExit(f"error: {exc}") from None
-    deploy(settings)
+    deploy(settings, args.base_job_template)
 
 
 if __name__ == "__main__":

@@ -168,10 +168,8 @@ def test_a_run_past_its_deadline_ends_crashed_once(server: PrefectServer, tmp_pa
             # The kubelet: SIGTERM to the container's PID 1, SIGKILL after the grace
             # period; when PID 1 is gone, every other process of the container dies too.
             process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                pass
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)

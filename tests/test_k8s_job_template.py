@@ -45,15 +45,18 @@ def container(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_template_keeps_prefect_kubernetes_variables() -> None:
-    """Every variable and placeholder of the stock template is still there."""
+    """Every variable and placeholder of the stock template is still there, but for
+    `labels`: the pod's labels are reserved (NetworkPolicies and Services select on
+    them; tests/test_k8s_network_policies.py)."""
     from prefect_kubernetes.worker import KubernetesWorker
 
     stock = KubernetesWorker.get_default_base_job_template()
     ours = json.loads(JOB_TEMPLATE.read_text())
-    assert set(stock["variables"]["properties"]) <= set(ours["variables"]["properties"])
-    assert stock["job_configuration"].keys() == ours["job_configuration"].keys()
+    assert set(stock["variables"]["properties"]) - {"labels"} == (
+        set(stock["variables"]["properties"]) & set(ours["variables"]["properties"]))
+    assert stock["job_configuration"].keys() - {"labels"} == ours["job_configuration"].keys()
     for key, value in stock["job_configuration"].items():
-        if key not in {"job_manifest"}:
+        if key not in {"job_manifest", "labels"}:
             assert ours["job_configuration"][key] == value, key
     # Every placeholder in the manifest is a declared variable.
     placeholders = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(ours["job_configuration"])))
@@ -137,11 +140,13 @@ def test_the_auth_string_stays_a_reference_when_a_deployment_sets_env() -> None:
 
 def test_the_job_does_not_retry_and_is_cleaned_up(job: dict[str, Any]) -> None:
     spec = job["spec"]
-    assert spec["backoffLimit"] == 0  # Prefect reschedules an evicted run itself
+    assert spec["backoffLimit"] == 0  # Kubernetes never starts a second pod
     assert spec["ttlSecondsAfterFinished"] == 86400
     assert spec["activeDeadlineSeconds"] == 7200
     env = {e["name"]: e.get("value") for e in container(job)["env"]}
-    assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "reschedule"
+    # Not `reschedule` (prefect-kubernetes' choice for backoffLimit 0): the deadline's
+    # SIGTERM would loop the run forever (tests/test_k8s_deadline.py).
+    assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "crash"
 
 
 def test_the_pod_is_hardened_and_may_reach_the_api(job: dict[str, Any]) -> None:

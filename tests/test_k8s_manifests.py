@@ -265,7 +265,7 @@ def test_secrets_come_from_the_documented_secrets(base_docs: list[dict[str, Any]
             if secret := volume.get("secret"):
                 used |= {(secret["secretName"], item["key"]) for item in secret["items"]}
     assert used == {("prefect-api-auth", "auth-string"), ("prefect-db", "password"),
-                    ("prefect-db", "connection-url")}
+                    ("prefect-db", "connection-url"), ("prefect-redis", "password")}
     header = (BASE / "kustomization.yaml").read_text()
     for name, key in used:
         assert name in header and key in header
@@ -383,56 +383,7 @@ def test_workload_identity_accounts(gke_docs: list[dict[str, Any]]) -> None:
             "annotations", {})
 
 
-# --- network policies -------------------------------------------------------------------------
-
-def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    assert set(selector) <= {"matchLabels"}, "matchExpressions are not evaluated here"
-    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
-
-
-def _admits(policies: list[dict[str, Any]], src: dict[str, str], dst: dict[str, str],
-            port: int) -> bool:
-    """Whether ingress from a pod labelled `src` (same namespace) to `dst` on TCP `port`
-    is allowed: deny-by-default once any policy selects `dst`, as Kubernetes does."""
-    selecting = [p for p in policies if _selects(p["spec"]["podSelector"], dst)
-                 and "Ingress" in p["spec"]["policyTypes"]]
-    if not selecting:
-        return True
-    for policy in selecting:
-        for rule in policy["spec"].get("ingress", []):
-            ports = rule.get("ports")
-            if ports and not any(p.get("port") == port and p.get("protocol", "TCP") == "TCP"
-                                 for p in ports):
-                continue
-            for peer in rule.get("from", []):
-                if "podSelector" in peer and "namespaceSelector" not in peer and _selects(
-                        peer["podSelector"], src):
-                    return True
-    return False
-
-
-def test_network_policies(any_docs: list[dict[str, Any]]) -> None:
-    policies = [d for d in any_docs if d["kind"] == "NetworkPolicy"]
-    deny = find(any_docs, "NetworkPolicy", "default-deny-ingress")["spec"]
-    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
-    template = json.loads(JOB_TEMPLATE.read_text())
-    pods = {doc["metadata"]["name"]: pod_labels(doc) for doc, _ in workloads(any_docs)}
-    pods["flow-run"] = template["job_configuration"]["job_manifest"]["spec"]["template"][
-        "metadata"]["labels"]
-    pods["stranger"] = {"app.kubernetes.io/name": "something-else"}
-    clients = {"prefect-worker", "taxi-bridge", "flow-run"}
-    for name, labels in pods.items():
-        assert _admits(policies, labels, pods["prefect-server"], 4200) is (name in clients), name
-        expected = name == "prefect-server"
-        assert _admits(policies, labels, pods["prefect-postgres"], 5432) is expected, name
-        assert _admits(policies, labels, pods["prefect-redis"], 6379) is expected, name
-        # Nothing in the namespace reaches the worker or the bridge.
-        assert not _admits(policies, labels, pods["prefect-worker"], 8080), name
-        assert not _admits(policies, labels, pods["taxi-bridge"], 8080), name
-    # The client label is exactly on the Prefect clients.
-    labelled = {n for n, labels in pods.items()
-                if labels.get("taxi-pipeline/prefect-client") == "true"}
-    assert labelled == clients
+# Network policies: tests/test_k8s_network_policies.py evaluates them.
 
 
 # --- settings ------------------------------------------------------------------------------
@@ -545,7 +496,23 @@ def test_prefect_server_contract_and_production_settings(
         "PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE": "prefect_redis.cleanup_queue",
     }
     assert {k: config.get(k) for k in expected} == expected
-    assert config["PREFECT_SERVER_DOCKET_URL"].startswith("redis://prefect-redis:6379/")
+    # Redis requires its password (prefect-helm's settings); the docket URL carries it,
+    # expanded by Kubernetes from the secret-backed variable before it.
+    for name in ("PREFECT_REDIS_MESSAGING_PASSWORD", "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_PASSWORD"):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "prefect-redis",
+                                                          "key": "password"}
+    names = [e["name"] for e in c["env"]]
+    assert names.index("PREFECT_REDIS_MESSAGING_PASSWORD") < names.index(
+        "PREFECT_SERVER_DOCKET_URL")
+    assert env["PREFECT_SERVER_DOCKET_URL"]["value"] == (
+        "redis://:$(PREFECT_REDIS_MESSAGING_PASSWORD)@prefect-redis:6379/1")
+    assert "PREFECT_SERVER_DOCKET_URL" not in config
+    redis = pod_spec(find(any_docs, "StatefulSet", "prefect-redis")) or {}
+    (rc,) = redis["containers"]
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in rc["env"]} == {
+        "REDISCLI_AUTH": {"name": "prefect-redis", "key": "password"}}
+    script = " ".join(rc["command"] + rc["args"])
+    assert "requirepass" in script and "protected-mode" not in script
     # Module settings name modules that exist in the image's dependencies.
     for key, value in config.items():
         if value.startswith(("prefect_redis.", "prefect.")):
@@ -560,6 +527,11 @@ def test_prefect_server_contract_and_production_settings(
 def test_prefect_reads_the_server_config_as_intended(any_docs: list[dict[str, Any]]) -> None:
     """Load Prefect's settings from exactly that ConfigMap, in a clean process."""
     config = find(any_docs, "ConfigMap", "prefect-server-config")["data"]
+    server = pod_spec(find(any_docs, "Deployment", "prefect-server")) or {}
+    docket = next(e["value"] for e in server["containers"][0]["env"]
+                  if e["name"] == "PREFECT_SERVER_DOCKET_URL")
+    config = {**config, "PREFECT_SERVER_DOCKET_URL": docket.replace(
+        "$(PREFECT_REDIS_MESSAGING_PASSWORD)", "0a1b2c")}
     script = (
         "import json; from prefect.settings import get_current_settings; "
         "s = get_current_settings().server; "
