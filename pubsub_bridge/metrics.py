@@ -25,6 +25,12 @@ class BridgeMetrics:
         self.pending = Gauge("bridge_pending", "Events emitted, not yet confirmed", registry=r)
         self.held = Gauge("bridge_held", "Events held unemitted while the server is unreachable "
                           "(their sources neither acked nor nacked)", registry=r)
+        self.oldest_held = Gauge(
+            "bridge_oldest_held_seconds",
+            "Age of the oldest source (Pub/Sub message) neither acked nor nacked: its event "
+            "not yet stored, e.g. during a Prefect outage; alert well before the "
+            "subscription's message retention (TAXI_PUBSUB_MAX_HOLD_SECONDS)",
+            registry=r)
         self.emit_failures = Counter("bridge_emit_failures",
                                      "Emits that failed; held events are retried with backoff",
                                      registry=r)

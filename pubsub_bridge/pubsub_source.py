@@ -4,13 +4,14 @@ The subscriber client delivers messages on its own threads; they are handed to
 the asyncio loop, turned into events and given to the relay, which acks each
 message only once its event is read back from the Prefect server. While a
 message waits, the client's lease manager keeps extending its ack deadline (up
-to FlowControl.max_lease_duration), so nothing expires mid-confirmation.
+to FlowControl.max_lease_duration = TAXI_PUBSUB_MAX_HOLD_SECONDS, the
+subscription's retention), so nothing expires mid-confirmation.
 
 While the Prefect server is unreachable the relay holds the messages instead
 of nacking them (a nack costs a delivery attempt; enough of them dead-letter a
 valid notification), and flow control stops the pull once
-TAXI_PUBSUB_MAX_MESSAGES are outstanding. A message held for MAX_HOLD_SECONDS
-is nacked, just before the lease manager would give it up silently.
+TAXI_PUBSUB_MAX_MESSAGES are outstanding. Held messages are never nacked for
+their age (see `relay_for`).
 """
 
 from __future__ import annotations
@@ -40,13 +41,36 @@ log = logging.getLogger(__name__)
 BATCH = 500
 CONSUME_PERMISSION = "pubsub.subscriptions.consume"
 CONFIRM_EVERY = 0.5
-# How long the client keeps extending a message's lease (FlowControl.max_lease_duration).
-MAX_LEASE_SECONDS = 3600
-# The relay nacks a message it held this long: redelivered (one delivery attempt per
-# ~55 minutes of outage, ~9 hours before the default 10 attempts dead-letter it) rather
-# than dropped by the lease manager. The margin covers the wait between the client
-# leasing a message and the relay receiving it.
-MAX_HOLD_SECONDS = MAX_LEASE_SECONDS - 300
+
+
+def relay_for(delivery: EventDelivery, metrics: BridgeMetrics, settings: Settings) -> Relay:
+    """The relay of the Pub/Sub bridge: it never nacks a message for its age.
+
+    A nack is a delivery attempt, and the subscription dead-letters a valid
+    notification after TAXI_PUBSUB_MAX_DELIVERY_ATTEMPTS of them; nacking every
+    55 minutes dead-lettered everything after a Prefect outage of about 9 hours.
+    Instead the client extends the message's lease for up to
+    TAXI_PUBSUB_MAX_HOLD_SECONDS (FlowControl.max_lease_duration, whose one-hour
+    default is the client library's, not a Pub/Sub limit), which is set to the
+    subscription's message retention: past it Pub/Sub drops the message anyway.
+    If the client stops extending earlier, Pub/Sub redelivers the message and the
+    relay joins it to the held event (same id). The age of the oldest waiting
+    message is the gauge `bridge_oldest_held_seconds`, which the alert watches.
+    """
+    return Relay(delivery, metrics, resend_after=settings.bridge_confirm_seconds,
+                 max_hold=None)
+
+
+def flow_control(settings: Settings) -> pubsub_v1.types.FlowControl:
+    return pubsub_v1.types.FlowControl(
+        max_messages=settings.pubsub_max_messages,
+        max_bytes=settings.pubsub_max_bytes,
+        # Hold (keep extending the lease) for as long as the message can exist.
+        max_lease_duration=settings.pubsub_max_hold_seconds,
+        # Each lease extension is at most the subscription's ack deadline, so the
+        # messages a crashed bridge held come back within that time, not 10 minutes.
+        max_duration_per_lease_extension=settings.pubsub_ack_deadline_seconds,
+    )
 
 
 def rejected_event(subscription: str, message: Message, error: Rejected) -> Event:
@@ -119,16 +143,8 @@ class PubSubSource:
 
     def start(self) -> None:
         self.can_consume()
-        flow_control = pubsub_v1.types.FlowControl(
-            max_messages=self.settings.pubsub_max_messages,
-            max_bytes=self.settings.pubsub_max_bytes,
-            max_lease_duration=MAX_LEASE_SECONDS,
-            # Each lease extension is at most the subscription's ack deadline, so the
-            # messages a crashed bridge held come back within that time, not 10 minutes.
-            max_duration_per_lease_extension=self.settings.pubsub_ack_deadline_seconds,
-        )
         self.future = self.client.subscribe(self.path, self._on_message,
-                                            flow_control=flow_control)
+                                            flow_control=flow_control(self.settings))
         log.info("pulling %s (max %d messages, %d bytes outstanding)", self.path,
                  self.settings.pubsub_max_messages, self.settings.pubsub_max_bytes)
 
@@ -195,8 +211,7 @@ async def run_pubsub_bridge(settings: Settings, stop: asyncio.Event, metrics: Br
     scope = scope_of(settings)
     source.start()
     async with EventDelivery() as delivery:
-        relay = Relay(delivery, metrics, resend_after=settings.bridge_confirm_seconds,
-                      max_hold=MAX_HOLD_SECONDS)
+        relay = relay_for(delivery, metrics, settings)
         health_task = asyncio.create_task(run_checks(
             {"pubsub": lambda: asyncio.to_thread(source.check),
              "prefect": delivery.healthcheck},

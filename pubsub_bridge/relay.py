@@ -10,8 +10,10 @@ not nacked: every nack of a Pub/Sub message costs a delivery attempt, and an
 outage of ~40 minutes would move valid notifications to the dead-letter topic.
 Held events are emitted again with a growing backoff (new arrivals join them
 without an attempt of their own); `nack` runs only at shutdown, and for a source
-held longer than `max_hold` (a Pub/Sub lease cannot be extended forever: a nack
-gets the message redelivered instead of letting its lease lapse unseen).
+held longer than `max_hold` when one is given (the Pub/Sub bridge gives none: it
+holds for as long as the outage lasts, bounded by the subscription's retention,
+because every nack costs a delivery attempt). `bridge_oldest_held_seconds` says
+how long the oldest source has waited.
 """
 
 from __future__ import annotations
@@ -138,6 +140,17 @@ class Relay:
     def _gauges(self) -> None:
         self.metrics.pending.set(len(self.pending))
         self.metrics.held.set(len(self.held))
+        waiting = [p.received_at for p in (*self.pending.values(), *self.held.values())]
+        self.metrics.oldest_held.set(time.monotonic() - min(waiting) if waiting else 0.0)
+
+    @property
+    def oldest(self) -> tuple[float, str] | None:
+        """(age in seconds, object URI) of the oldest unacknowledged source, or None."""
+        items = [*self.pending.values(), *self.held.values()]
+        if not items:
+            return None
+        first = min(items, key=lambda p: p.received_at)
+        return time.monotonic() - first.received_at, self._uri(first.event)
 
     async def confirm(self, timeout: float = CALL_TIMEOUT) -> int:
         """Ack whatever is stored now; re-emit what is overdue or held. Returns how many

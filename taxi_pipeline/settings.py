@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     pubsub_max_delivery_attempts: int = Field(default=10, ge=5, le=100)
     pubsub_ack_deadline_seconds: int = Field(default=60, ge=10, le=600)
     pubsub_max_hold_seconds: float = Field(
-        default=7 * 24 * 3600, ge=60,
+        default=7 * 24 * 3600, ge=10,
         description="How long the bridge holds (keeps extending the lease of) a message whose "
         "event the Prefect server has not stored, e.g. during an outage; set it to the "
         "subscription's message retention (Pub/Sub's default: 7 days), after which Pub/Sub "

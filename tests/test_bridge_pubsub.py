@@ -107,13 +107,14 @@ def gcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcpStack]:
 
 
 class Bridge:
-    def __init__(self, stack: GcpStack, log: Path, subscription: str) -> None:
+    def __init__(self, stack: GcpStack, log: Path, subscription: str,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log = log
         with log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pubsub_bridge"],
-                env=stack.bridge_env(self.port, subscription),
+                env={**stack.bridge_env(self.port, subscription), **(env or {})},
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         deadline = time.monotonic() + 60
@@ -404,5 +405,54 @@ def test_a_prefect_outage_longer_than_the_retry_policy_dead_letters_nothing(
         assert bridge.metric("nacked") == 0
         assert drain(dead) == []
         assert bridge.process.poll() is None
+    finally:
+        assert bridge.stop() == 0
+
+
+# The bridge's lease setting in the next test, shorter than the outage it lives through.
+SHORT_HOLD_SECONDS = 12
+
+
+def test_a_prefect_outage_longer_than_the_lease_is_held_not_nacked(
+        gcp: GcpStack, tmp_path: Path, dead_letter_subscription: tuple[str, str]) -> None:
+    """Issue 20, defect 2, on the emulator with a short lease setting
+    (TAXI_PUBSUB_MAX_HOLD_SECONDS, in production the subscription's retention): the
+    bridge never nacks a held message for its age. The old bridge nacked at a fixed
+    55 minutes (a delivery attempt each time: 10 of them, ~9 hours, dead-lettered valid
+    notifications). Past the lease Pub/Sub redelivers, the redelivery joins the held
+    event, `bridge_oldest_held_seconds` keeps the age of the first receipt, and once
+    Prefect is back each object has exactly one stored event and nothing is dead-lettered.
+    """
+    subscription, dead = dead_letter_subscription
+    bridge = Bridge(gcp, tmp_path / "bridge.log", subscription,
+                    env={"TAXI_PUBSUB_MAX_HOLD_SECONDS": str(SHORT_HOLD_SECONDS)})
+    try:
+        warm = upload("raw/hold-warm/", 1)
+        wait_all_stored("raw/hold-warm/", warm)
+        wait_metric(bridge, "acked", 1)
+        assert bridge.gauge("oldest_held_seconds") == 0
+
+        gcp.server.stop()
+        try:
+            objects = upload("raw/hold-outage/", 3)
+            # The lease ran out and the emulator delivered the messages again ...
+            wait_metric(bridge, "received", 1 + 2 * len(objects), timeout=120)
+            # ... while the bridge kept holding them: no nack, the age from the first receipt.
+            deadline = time.monotonic() + 60
+            while bridge.gauge("oldest_held_seconds") < 2 * SHORT_HOLD_SECONDS:
+                assert time.monotonic() < deadline, "the oldest-held gauge did not grow"
+                time.sleep(0.5)
+            assert bridge.metric("nacked") == 0 and bridge.metric("hold_expired") == 0
+            assert bridge.gauge("held") == len(objects)
+        finally:
+            gcp.server.start()
+        wait_all_stored("raw/hold-outage/", objects, timeout=180)
+        wait_metric(bridge, "stored", 1 + len(objects), timeout=60)
+        deadline = time.monotonic() + 30
+        while bridge.gauge("oldest_held_seconds") != 0:
+            assert time.monotonic() < deadline, "held messages were never acknowledged"
+            time.sleep(0.5)
+        assert bridge.metric("nacked") == 0
+        assert drain(dead) == []
     finally:
         assert bridge.stop() == 0

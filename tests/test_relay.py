@@ -452,3 +452,44 @@ def test_a_hung_emit_is_abandoned_and_held(monkeypatch: pytest.MonkeyPatch) -> N
     assert calls == []
     assert set(relay.held) == {a.id}
     assert relay.pending == {}
+
+
+def test_the_pubsub_bridge_holds_through_a_ten_hour_outage(clock: Clock) -> None:
+    """Issue 20, defect 2: the relay the Pub/Sub bridge runs never nacks a held message
+    for its age (the old one nacked at 55 minutes: one delivery attempt each, ~9 hours
+    to dead-letter a valid notification); the oldest message's age is a gauge; the lease
+    lasts TAXI_PUBSUB_MAX_HOLD_SECONDS, by default Pub/Sub's default retention (7 days),
+    not the client library's one hour."""
+    from pubsub_bridge.pubsub_source import flow_control, relay_for
+    from taxi_pipeline.settings import Settings
+
+    settings = Settings(profile="emulator", gcp_project="p", bucket="b")
+    assert flow_control(settings).max_lease_duration == 7 * 24 * 3600
+    assert flow_control(settings.model_copy(update={"pubsub_max_hold_seconds": 90}))\
+        .max_lease_duration == 90
+    delivery = FakeDelivery()
+    metrics = BridgeMetrics()
+    relay = relay_for(delivery, metrics, settings)  # type: ignore[arg-type]
+    calls: list[tuple[str, str]] = []
+    held = event(1)
+
+    async def scenario() -> None:
+        delivery.fail_emit = True
+        await relay.submit([Submission(held, ack=partial(calls.append, ("ack", "a")),
+                                       nack=partial(calls.append, ("nack", "a")),
+                                       received_at=clock.now)])
+        for _ in range(10 * 60):  # ten hours, a confirm round a minute
+            clock.now += 60
+            await relay.confirm()
+        assert metrics.value("oldest_held_seconds") == pytest.approx(10 * 3600)
+        assert relay.oldest == (pytest.approx(10 * 3600), held.resource.id)
+        delivery.fail_emit = False
+        delivery.stored_ids = {held.id}
+        clock.now += 60
+        await relay.confirm()
+        await relay.confirm()
+
+    asyncio.run(scenario())
+    assert calls == [("ack", "a")]
+    assert metrics.value("nacked") == 0 and metrics.value("hold_expired") == 0
+    assert metrics.value("oldest_held_seconds") == 0
