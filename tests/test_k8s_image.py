@@ -30,6 +30,8 @@ from taxi_pipeline.settings import Settings
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
+IMAGE_JOB_TEMPLATE = "/opt/taxi-pipeline/k8s/work-pool/base-job-template.json"
+
 
 def instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
@@ -77,8 +79,10 @@ def test_runtime_stage_is_non_root_without_healthcheck_or_entrypoint() -> None:
     assert "PREFECT_HOME=/var/lib/prefect" in env
     assert any("chown app:app /var/lib/prefect" in args for name, args in runtime if name == "RUN")
     # The runtime stage gets the virtualenv only, not the sources or the build tools.
+    # ...and the work pool's base job template, for `python -m deploy` and the worker.
     copies = [args for name, args in runtime if name == "COPY"]
-    assert copies == ["--from=build /opt/venv /opt/venv"]
+    assert copies == ["--from=build /opt/venv /opt/venv",
+                      f"k8s/work-pool/base-job-template.json {IMAGE_JOB_TEMPLATE}"]
 
 
 def test_only_runtime_dependencies_are_installed() -> None:
@@ -211,7 +215,9 @@ def test_the_context_has_what_the_build_needs_and_nothing_else(context: set[str]
     for package in installed_modules() - set(PYPROJECT["tool"]["setuptools"]["py-modules"]):
         assert f"{package}/__init__.py" in context, package
     tops = {path.split("/")[0] for path in context}
-    assert tops <= installed_modules() | files, tops
+    assert tops <= installed_modules() | files | {"k8s"}, tops
+    assert {p for p in context if p.startswith("k8s/")} == {
+        "k8s/work-pool/base-job-template.json"}
     assert not any("__pycache__" in path or path.endswith(".pyc") for path in context)
     # Every COPY source of the build stage exists in the context.
     for name, args in instructions():
@@ -228,14 +234,14 @@ def pipeline_containers() -> list[tuple[str, dict[str, Any]]]:
     for doc in render(BASE):
         spec = pod_spec(doc)
         for c in containers(spec or {}):
-            if c["image"].startswith("taxi-pipeline:"):
+            if c["image"].split(":")[0] == "taxi-pipeline":
                 found.append((doc["metadata"]["name"], c))
     return found
 
 
 def test_every_pipeline_container_has_a_command() -> None:
     names = {name for name, _ in pipeline_containers()}
-    assert names == {"prefect-server", "prefect-worker", "taxi-bridge"}
+    assert names == {"prefect-server", "prefect-worker", "taxi-bridge", "taxi-deploy"}
     for name, c in pipeline_containers():
         assert c.get("command"), f"{name} relies on the image's CMD"
 
@@ -275,6 +281,25 @@ def test_the_worker_serves_the_pool_that_deploy_creates() -> None:
     config = find(render(BASE), "ConfigMap", "taxi-pipeline-config")["data"]
     assert config["TAXI_WORK_POOL"] == pool
     assert "--with-healthcheck" in argv  # its probes ask the worker's /health
+    # A worker up before the registration Job creates the pool with our template.
+    assert argv[argv.index("--base-job-template") + 1] == IMAGE_JOB_TEMPLATE
+
+
+def test_deploy_runs_from_the_image(context: set[str], tmp_path: Path) -> None:
+    """The registration Job runs `python -m deploy` with the template the image carries,
+    from a directory that is not a checkout (deploy.py installed as a module)."""
+    job = dict(pipeline_containers())["taxi-deploy"]
+    argv = job["command"]
+    assert argv[:3] == ["python", "-m", "deploy"]
+    assert argv[argv.index("--base-job-template") + 1] == IMAGE_JOB_TEMPLATE
+    assert "k8s/work-pool/base-job-template.json" in context
+    env = {e["name"] for e in job["env"]}
+    assert {"TAXI_IMAGE", "PREFECT_API_AUTH_STRING"} <= env
+    copied = tmp_path / IMAGE_JOB_TEMPLATE.lstrip("/")
+    copied.parent.mkdir(parents=True)
+    copied.write_text(JOB_TEMPLATE.read_text())
+    settings = Settings(profile="gcp", image="x")
+    assert deploy.base_job_template(settings, copied) == json.loads(JOB_TEMPLATE.read_text())
 
 
 def test_flow_runs_and_deployment_entrypoints_resolve_in_the_image(context: set[str]) -> None:

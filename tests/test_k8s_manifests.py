@@ -124,6 +124,8 @@ def checkov_report(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, A
     for overlay in OVERLAYS:
         write_yaml(root / f"overlay-{overlay.name}.yaml", render(overlay))
     write_yaml(root / "base.yaml", render(BASE))
+    # What ships: the overlay with the image by digest (k8s/release.py).
+    write_yaml(root / "release-gke.yaml", render(REPO / "k8s" / "release" / "gke"))
     write_yaml(root / "flow-run-job.yaml",
                [render_flow_run_job("transform", {"image": "registry.example/taxi:1"})])
     (root / "Dockerfile").write_text((REPO / "Dockerfile").read_text())
@@ -430,10 +432,8 @@ def test_gke_params_reach_the_manifests(tmp_path: Path) -> None:
     data = find(docs, "ConfigMap", "taxi-pipeline-config")["data"]
     assert data["TAXI_GCP_PROJECT"] == "acme-data-prod"
     assert data["TAXI_BUCKET"] == "acme-tlc-landing"
-    image = "europe-west4-docker.pkg.dev/acme-data-prod/taxi-pipeline/taxi-pipeline:0123abc"
-    for name in ("prefect-server", "prefect-worker", "taxi-bridge"):
-        assert [c["image"] for c in (pod_spec(find(docs, "Deployment", name)) or {})[
-            "containers"]] == [image]
+    # The image is not a parameter: each release pins it by digest (tests/test_k8s_rollout.py).
+    assert "IMAGE:" not in (overlay / "params.yaml").read_text()
     sa = find(docs, "ServiceAccount", "taxi-bridge")["metadata"]["annotations"]
     assert sa["iam.gke.io/gcp-service-account"] == (
         "taxi-bridge@acme-data-prod.iam.gserviceaccount.com")
