@@ -78,7 +78,10 @@ SERVER = "prefect-server"  # the Deployment and its container (contract with k8s
 
 # Local stand-ins for the two values the manifests take from Secrets.
 AUTH_STRING = "taxi-test:not-a-real-password"
-LOCAL_SECRETS = {"PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_API_AUTH_STRING"}
+REDIS_PASSWORD = "5eb1f0c2a7d94e3b8c6a"  # hex, as k8s/README.md generates it
+LOCAL_SECRETS = {"PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_API_AUTH_STRING",
+                 "PREFECT_REDIS_MESSAGING_PASSWORD", "PREFECT_REDIS_WORKER_CLEANUP_QUEUE_PASSWORD"}
+DEPENDENT = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 REDIS_BROKER = "prefect_redis.messaging"
 BROKER_SETTINGS = ("PREFECT_MESSAGING_BROKER", "PREFECT_SERVER_EVENTS_MESSAGING_BROKER")
@@ -140,6 +143,11 @@ def manifest_server(overlay: Path = OVERLAY) -> ManifestServer:
     return ManifestServer(env, secrets, [*container.get("command", []), *container.get("args", [])])
 
 
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' dependent environment variables: $(NAME) of a variable defined before."""
+    return DEPENDENT.sub(lambda m: env.get(m[1], m[0]), value)
+
+
 def local_env(manifest: ManifestServer, *, database_url: str, redis: RedisServer,
               home: Path, port: int) -> dict[str, str]:
     """The manifests' settings with only addresses and secrets replaced by local ones.
@@ -170,11 +178,21 @@ def local_env(manifest: ManifestServer, *, database_url: str, redis: RedisServer
         elif key.endswith("_PORT") and key[: -len("_PORT")] in redis_hosts:
             env[key] = str(redis.port)
         elif "://" in value and urlsplit(value).hostname == redis_host:
-            env[key] = urlunsplit(urlsplit(value)._replace(netloc=f"{redis.host}:{redis.port}"))
+            parts = urlsplit(value)
+            userinfo = parts.netloc.rpartition("@")[0]  # keeps ":$(PASSWORD)"
+            netloc = f"{userinfo}@{redis.host}:{redis.port}" if userinfo else \
+                f"{redis.host}:{redis.port}"
+            env[key] = urlunsplit(parts._replace(netloc=netloc))
         elif manifest_home and value.startswith(manifest_home):
             env[key] = str(home) + value[len(manifest_home):]
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     env["PREFECT_SERVER_API_AUTH_STRING"] = AUTH_STRING
+    for name, ref in manifest.secret_env.items():
+        if ref == "prefect-redis/password":
+            assert redis.password, "the manifests give Redis a password: start it with one"
+            env[name] = redis.password
+    env = {k: expand(v, env) for k, v in env.items()}
+    assert not any(DEPENDENT.search(v) for v in env.values()), "an unexpanded $(...)"
     for key, value in env.items():  # everything that is an address must now be local
         host = urlsplit(value).hostname if "://" in value else (
             value if key.endswith("_HOST") else None)
@@ -346,7 +364,7 @@ class Backing:
 
 @contextlib.contextmanager
 def backing_services(root: Path) -> Iterator[Backing]:
-    with postgres_database() as database_url, redis_server() as redis:
+    with postgres_database() as database_url, redis_server(REDIS_PASSWORD) as redis:
         yield Backing(database_url, redis, root)
 
 
@@ -415,6 +433,13 @@ def test_production_configuration_after_sigkill(backing: Backing) -> None:
 
             assert asyncio.run(deliver()) == {warmup[0].id}
             # ...and the event went through Redis: stream, persister group, dedupe key.
+            # Redis refuses a client without the password (protected by requirepass).
+            import redis as redis_client
+            anonymous = redis_client.Redis(host=backing.redis.host, port=backing.redis.port,
+                                           socket_timeout=10)
+            with pytest.raises(redis_client.AuthenticationError):
+                anonymous.ping()
+            anonymous.close()
             with contextlib.closing(backing.redis.client()) as client:
                 groups = {g["name"].decode(): g for g in client.xinfo_groups("events")}
                 assert groups["event-persister"]["entries-read"] >= 1, groups

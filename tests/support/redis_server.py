@@ -58,6 +58,7 @@ class RedisServer:
     port: int
     root: Path
     log_path: Path
+    password: str | None = None
 
     def url(self, db: int = 0) -> str:
         """A `redis://` URL of database `db` (e.g. for PREFECT_SERVER_DOCKET_URL)."""
@@ -65,7 +66,8 @@ class RedisServer:
 
     def client(self, db: int = 0) -> redis.Redis:
         """A synchronous client, for tests that look at what Prefect wrote."""
-        return redis.Redis(host=self.host, port=self.port, db=db, socket_timeout=10)
+        return redis.Redis(host=self.host, port=self.port, db=db, socket_timeout=10,
+                           password=self.password)
 
 
 def _wait_ready(server: RedisServer, process: subprocess.Popen[bytes]) -> None:
@@ -88,15 +90,22 @@ def _wait_ready(server: RedisServer, process: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[RedisServer]:
-    """Start `redis-server` with production-like persistence; stop it and remove its files."""
+def redis_server(password: str | None = None) -> Iterator[RedisServer]:
+    """Start `redis-server` with production-like persistence (and `requirepass` when a
+    password is given, as k8s/base/redis.yaml does); stop it and remove its files."""
     binary = redis_server_binary()
     if binary is None:
         raise RuntimeError(redis_available() or "no redis-server")
     root = Path(tempfile.mkdtemp(prefix="taxi-redis-"))
-    server = RedisServer(LOOPBACK, free_port(), root, root / "redis.log")
+    server = RedisServer(LOOPBACK, free_port(), root, root / "redis.log", password)
+    auth = []
+    if password:
+        # From a config file, as in the manifests (never on the command line).
+        (root / "auth.conf").write_text(f'requirepass "{password}"\n')
+        (root / "auth.conf").chmod(0o600)
+        auth = [str(root / "auth.conf")]
     process = subprocess.Popen(
-        [str(binary), "--bind", LOOPBACK, "--port", str(server.port),
+        [str(binary), *auth, "--bind", LOOPBACK, "--port", str(server.port),
          "--dir", str(root), "--logfile", str(server.log_path), "--daemonize", "no",
          # Durable like production: see the module docstring for what a restart keeps.
          "--appendonly", "yes", "--appendfsync", "everysec"],
