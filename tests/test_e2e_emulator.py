@@ -8,12 +8,15 @@ PostgreSQL. The stack is the one `TAXI_PROFILE=emulator taxi-pipeline up` starts
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.auth.credentials import AnonymousCredentials
@@ -21,6 +24,7 @@ from google.cloud import pubsub_v1, storage
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from support.bq_proxy import BigQueryJobProxy
 from support.local_e2e import (
     bridge_counter,
     read_events,
@@ -28,6 +32,7 @@ from support.local_e2e import (
     wait_warehouse_loaded,
 )
 
+import taxi_pipeline.stack.emulator as emulator_module
 from taxi_pipeline import events
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.sources.sample_data import (
@@ -53,11 +58,36 @@ HELD_UPLOADS, DEAD_UPLOADS = 2, 2
 HEAL_TIMEOUT = 150.0
 
 
+# BigQuery's job-id semantics in front of bqemulator, for every client of the stack
+# (worker, flow runs, this process): a repeated load job id is 409, and a load job can be
+# made to fail once (support/bq_proxy.py).
+PROXIES: list[BigQueryJobProxy] = []
+
+
+@contextlib.contextmanager
+def bigquery_behind_proxy(*args: Any, **kwargs: Any) -> Iterator[Any]:
+    with (
+        REAL_BIGQUERY_EMULATOR(*args, **kwargs) as emulator,
+        BigQueryJobProxy(f"{emulator.host}:{emulator.port}") as proxy,
+    ):
+        PROXIES.append(proxy)
+        yield dataclasses.replace(emulator, host="127.0.0.1", port=proxy.port)
+
+
+REAL_BIGQUERY_EMULATOR = emulator_module.bigquery_emulator
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, Warehouse]]:
     reason = emulators_available()
     if reason:
         pytest.skip(reason)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(emulator_module, "bigquery_emulator", bigquery_behind_proxy)
+        yield from _chain(tmp_path_factory)
+
+
+def _chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, Warehouse]]:
     settings = Settings(profile="emulator", home=tmp_path_factory.mktemp("emu"), bucket=BUCKET,
                         gcp_project=PROJECT, pubsub_ack_deadline_seconds=10,
                         bridge_confirm_seconds=5,
@@ -222,3 +252,25 @@ def test_uploads_during_outage_and_bridge_sigkill_all_load_once(
     for name, (uri, _generation) in uploaded.items():
         assert warehouse.rows_for(settings.table, uri) == samples[name].expected_good, uri
     assert stack.process("bridge").alive()
+
+
+def test_a_load_job_that_fails_once_loads_exactly_once_with_no_command(
+        chain: tuple[LocalStack, Warehouse], tmp_path: Path) -> None:
+    """Issue 20, defect 1, end to end: BigQuery fails the first load job of the processed
+    object (accessDenied, as before an IAM grant; the proxy answers as BigQuery does,
+    including 409 for a repeated job id). The load flow's own retry runs it again under
+    the next attempt id, and the object is in `trips` exactly once, with no command run.
+    (The old code adopted the failed job on each retry and never loaded the object.)"""
+    stack, warehouse = chain
+    settings = stack.settings
+    [proxy] = PROXIES
+    proxy.state.fail_next_processed_load = True
+    sample = generate_month("yellow", 2023, 5, 5_000, seed=51)
+    name = raw_object_name(settings.raw_prefix, "yellow", 2023, 5)
+    uri, generation = upload(sample, tmp_path, name)
+    assert wait_loaded(warehouse, settings.table, uri, generation) == sample.expected_good
+    [failed] = proxy.state.failed_jobs
+    assert failed in proxy.state.conflicts  # the retry met the failed job and passed over it
+    assert f"{failed}_retry1" in proxy.state.load_job_ids
+    assert warehouse.rows_for(settings.table, uri) == sample.expected_good
+    assert warehouse.loaded(settings.table, uri) == (generation, sample.expected_good)
