@@ -11,9 +11,17 @@ and the event loop is what limits runs per second on this server.
 The fix keeps Prefect's own semantics: a call with no arguments under the same
 settings object returns the app Prefect itself would return (its cache is keyed
 by the settings' hash; one settings object has one hash), without re-hashing.
-Any other call goes to Prefect unchanged. No released Prefect (3.9.1 is the
-newest on PyPI as of 2026-11) avoids this cost, hence the hand-written wrapper;
-`tests/test_prefect_server_start.py` fails if Prefect's side of it changes.
+Any other call goes to Prefect unchanged. `tests/test_prefect_server_start.py`
+fails if Prefect's side of it changes.
+
+Prefect 3.9.1 avoids most of this cost itself: its actions consumer
+(`prefect.server.events.actions.consumer`) builds one in-memory client for all
+the actions it runs (two `create_app()` calls when it starts, none per action),
+except with CSRF protection on (PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED),
+where it still builds one per action. Neither the local profile nor the
+manifests turn that protection on, so on 3.9.1 this wrapper saves next to
+nothing there; it is kept for a server started with CSRF protection on, and can
+go once Prefect shares the client in that configuration too.
 
 Run it as `python -m taxi_pipeline.stack.prefect_server_start [prefect server start options]`.
 """
