@@ -23,6 +23,10 @@ fi
 if ! command -v redis-server >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
+# systemd-analyze verifies the systemd unit (scripts/systemd/).
+if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
 .venv/bin/ruff check .
 .venv/bin/mypy
 # Three workers on two cores, one test file each at a time (files share their

@@ -324,12 +324,19 @@ def test_reemit_by_prefix_dry_run_event_id_and_a_missing_name(
 
 
 def test_up_stops_everything_on_sigterm(tmp_path: Path) -> None:
-    """`taxi-pipeline up` under a supervisor: SIGTERM leaves no process behind."""
+    """`taxi-pipeline up` under a supervisor: SIGTERM leaves no process behind, well
+    within the stop timeout of the systemd unit that runs it as a service."""
+    from test_systemd_unit import stop_timeout_seconds
+
     home = tmp_path / "up-home"
     up = start_up(home)
     # The CLI, PostgreSQL, server, fork server, worker, bridge.
     assert len(processes_of(home)) >= 6
+    began = time.monotonic()
     stop_up(up, home, signal.SIGTERM)
+    took = time.monotonic() - began
+    print(f"`up` stopped {took:.1f}s after SIGTERM")
+    assert took < stop_timeout_seconds() / 2
 
 
 def test_reconcile_re_emits_what_never_reached_the_warehouse(

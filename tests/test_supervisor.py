@@ -153,3 +153,37 @@ def test_an_explicit_bridge_port_is_never_moved(
             [], poll=0.01) == 1
         assert stack.bridge_port == port
         assert "giving up" in out.getvalue()
+
+
+def test_a_run_is_crashed_only_when_orphaned_in_two_sweeps_in_a_row(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker gets one sweep's time to report a dead run itself."""
+    import asyncio
+    import os
+    import uuid
+
+    from taxi_pipeline.stack import orphans
+
+    one, two = uuid.uuid4(), uuid.uuid4()
+    rounds = [[orphans.Orphan(one, "load a", "gone")],
+              [orphans.Orphan(one, "load a", "gone"), orphans.Orphan(two, "load b", "gone")],
+              [orphans.Orphan(two, "load b", "gone")]]
+    crashed: list[list[uuid.UUID]] = []
+
+    async def find(pool: str) -> list[orphans.Orphan]:
+        assert pool == "taxi-process"
+        return rounds.pop(0)
+
+    async def crash(found: list[orphans.Orphan]) -> list[orphans.Orphan]:
+        crashed.append([o.run_id for o in found])
+        return found
+
+    monkeypatch.setattr(orphans, "find_orphans", find)
+    monkeypatch.setattr(orphans, "crash", crash)
+    sweep = orphans.OrphanSweep("taxi-process")
+    assert [asyncio.run(sweep.sweep()) for _ in range(3)] == [
+        [], [orphans.Orphan(one, "load a", "gone")], [orphans.Orphan(two, "load b", "gone")]]
+    assert crashed == [[one], [two]]
+    assert orphans.process_alive(str(os.getpid()))
+    assert orphans.process_alive(f"host:{os.getpid()}")
+    assert not orphans.process_alive(None) and not orphans.process_alive("not-a-pid")

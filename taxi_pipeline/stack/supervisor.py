@@ -12,7 +12,9 @@ TAXI_RESTART_LIMIT times within TAXI_RESTART_WINDOW_SECONDS is a crash loop
 Work in flight survives a restart the way it survives a server outage: flow
 runs' clients retry, the bridge holds what it could not confirm, and what the
 server held only in memory is re-emitted by the recover and reconcile
-deployments.
+deployments. Runs a restart orphaned (claimed by a killed worker, or whose
+process died while the API was down) are found by an OrphanSweep every
+SWEEP_EVERY seconds and crashed, which starts their recovery.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from prefect.events import Event
 from taxi_pipeline import events
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.stack.local import LocalStack
+from taxi_pipeline.stack.orphans import OrphanSweep
 
 BACKOFF_MAX = 30.0
 POSTGRES = "postgres"
+SWEEP_EVERY = 30.0
 
 # (name, process, log) of processes that are watched but not restarted (the emulators).
 Watched = Sequence[tuple[str, Popen[bytes], Path]]
@@ -81,6 +85,8 @@ class Supervisor:
         self.out = out
         self.clock = clock
         self.on_restart = on_restart
+        self.orphans = OrphanSweep(stack.settings.work_pool)
+        self._next_sweep = clock() + SWEEP_EVERY
 
     def dead_parts(self) -> list[tuple[str, int | None, Path | None]]:
         """(part, exit code, log) of every part that is not running, PostgreSQL first."""
@@ -109,8 +115,25 @@ class Supervisor:
             if dead and not self.heal(dead[0], stopping):
                 return 1
             if not dead:
+                if self.clock() >= self._next_sweep:
+                    self.sweep_orphans()
                 self._sleep(poll, stopping)
         return 0
+
+    def sweep_orphans(self) -> None:
+        """Crash runs of the local pool left without a process (see OrphanSweep)."""
+        self._next_sweep = self.clock() + SWEEP_EVERY
+        names = {m.name for m in self.stack.processes}
+        if not (self.stack.api_url and self.stack.owns_server and "worker" in names):
+            return  # a server of someone else's, or no local pool: not ours to judge
+        try:
+            crashed = self.orphans.sweep_now(self.stack.api_url)
+        except Exception as exc:  # the server may be restarting: next time
+            self.say(f"could not look for orphaned flow runs: {type(exc).__name__}: {exc}")
+            return
+        for orphan in crashed:
+            self.say(f"flow run {orphan.name} ({orphan.run_id}) set Crashed: {orphan.why}; "
+                     "the recovery automation re-runs it")
 
     def heal(self, dead: tuple[str, int | None, Path | None], stopping: list[int]) -> bool:
         """Restart one dead part after its backoff; False when it is a crash loop."""
