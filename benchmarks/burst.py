@@ -1,6 +1,7 @@
 """Benchmark: a burst of N files dropped at once on the local profile, SQLite vs PostgreSQL.
 
 Usage: .venv/bin/python benchmarks/burst.py [--files 200] [--rows 300] [--timeout 1800]
+       [--databases postgres,sqlite]     (e.g. --files 1000 --databases postgres)
 
 For each Prefect database (embedded PostgreSQL, the default; SQLite, the
 fallback) a fresh local stack is started (server, fork server, worker, bridge,
@@ -8,10 +9,12 @@ deployments, automations), N small valid files (both datasets, distinct months)
 are copied into raw/ at once, and nothing else is done: the bridge,
 automations, recover and reconcile deployments must load them. Printed per
 database: seconds until all are queryable, flow runs created per second, runs
-that did not complete, files loaded exactly once, the bridge's peak RSS, and
-CPU seconds per flow run of each stack process (forked runs counted under the
-fork server `flow-runs`; `postgres` is the embedded cluster, backends included). The
-two rows are measured in the same run, one after the other, so they compare.
+that did not complete, files loaded exactly once, files per second, the peak
+RSS of each part (VmHWM; forked runs are children of `flow-runs`, `postgres`
+is the postmaster), and CPU seconds per flow run of each stack process (forked
+runs counted under the fork server `flow-runs`; `postgres` is the embedded
+cluster, backends included). The two rows are measured in the same run, one
+after the other, so they compare.
 """
 
 from __future__ import annotations
@@ -101,6 +104,9 @@ def one(database: str, files_count: int, rows: int, timeout: float) -> dict[str,
             started = drop_all(files, settings)
             outcome = wait_all_loaded(files, settings, started, timeout)
             cpu_after = cpu_seconds(stack)
+            peaks = {m.name: peak_rss_mib(m.process.pid) for m in stack.processes}
+            if stack.database is not None and stack.database.pid is not None:
+                peaks["postgres"] = peak_rss_mib(stack.database.pid)
             created, incomplete, span = asyncio.run(run_counts())
             uris = {(settings.bucket_dir / f.name).as_uri(): f.expected_good for f in files}
             once = sum(1 for uri, good in uris.items()
@@ -109,11 +115,13 @@ def one(database: str, files_count: int, rows: int, timeout: float) -> dict[str,
             return {
                 "database": database,
                 "seconds": outcome.seconds,
+                "files_per_s": files_count / outcome.seconds,
                 "runs": created,
                 "runs_per_s": created / span if span else float("nan"),
                 "not_completed": incomplete,
                 "exactly_once": f"{once}/{files_count}",
-                "bridge_peak_mib": peak_rss_mib(stack.process("bridge").process.pid),
+                "bridge_peak_mib": peaks["bridge"],
+                "peak_mib": {name: round(mib) for name, mib in peaks.items()},
                 # CPU per flow run, by process: where a burst's time goes.
                 "cpu_per_run_s": {name: round((cpu_after[name] - cpu_before[name])
                                               / max(created, 1), 3)
@@ -137,18 +145,19 @@ def main() -> None:
         except AssertionError as exc:
             results.append({"database": database, "error": str(exc)})
         print(results[-1], flush=True)
-    print(f"\n{'database':<10} {'all loaded':>10} {'runs':>6} {'runs/s':>7} "
+    print(f"\n{'database':<10} {'all loaded':>10} {'files/s':>7} {'runs':>6} {'runs/s':>7} "
           f"{'not done':>8} {'once':>9} {'bridge MiB':>10}")
     for r in results:
         if "error" in r:
             print(f"{r['database']:<10} FAILED: {r['error']}")
             continue
-        print(f"{r['database']:<10} {r['seconds']:>9.0f}s {r['runs']:>6} "
+        print(f"{r['database']:<10} {r['seconds']:>9.0f}s {r['files_per_s']:>7.2f} {r['runs']:>6} "
               f"{r['runs_per_s']:>7.2f} {r['not_completed']:>8} {r['exactly_once']:>9} "
               f"{r['bridge_peak_mib']:>10.0f}")
     for r in results:
         if "cpu_per_run_s" in r:
             print(f"{r['database']}: CPU seconds per flow run: {r['cpu_per_run_s']}")
+            print(f"{r['database']}: peak RSS per part, MiB: {r['peak_mib']}")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
