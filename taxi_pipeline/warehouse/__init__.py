@@ -9,7 +9,7 @@ import pyarrow as pa
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.warehouse.base import LoadResult
 
-__all__ = ["LoadResult", "Warehouse", "warehouse_from_settings"]
+__all__ = ["LoadResult", "LocalExtraMissing", "Warehouse", "warehouse_from_settings"]
 
 
 class Warehouse(Protocol):
@@ -42,10 +42,26 @@ class Warehouse(Protocol):
         ...
 
 
+class LocalExtraMissing(ModuleNotFoundError):
+    """A local-profile dependency is not installed: it comes with the `local` extra."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what} is not installed: it comes with the 'local' extra "
+            "(pip install 'taxi-pipeline[local]'; scripts/bootstrap.sh installs it). "
+            "The production image has only the gcp profile's dependencies.")
+
+
 def warehouse_from_settings(settings: Settings) -> Warehouse:
     """DuckDB for `local`; BigQuery (the emulator's or Google's) for `emulator` and `gcp`."""
     if settings.profile == "local":
-        from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
+        # DuckDB is in the `local` extra only: the production image (gcp) never has it.
+        try:
+            from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
+        except ModuleNotFoundError as exc:
+            if exc.name != "duckdb":
+                raise
+            raise LocalExtraMissing("DuckDB (the local profile's warehouse)") from exc
 
         return DuckDBWarehouse(settings.warehouse_file)
     if settings.profile in ("emulator", "gcp"):
