@@ -454,3 +454,23 @@ def test_integer_text_with_a_fraction_is_rejected(tmp_path: Path) -> None:
     result = run(path, tmp_path)
     assert result.rejects.column("reject_detail").to_pylist() == ["passenger_count='2.5'"]
     assert result.processed.column("passenger_count").to_pylist() == [1, 3]
+
+
+def test_row_groups_are_at_least_16_mib_on_disk(tmp_path: Path) -> None:
+    """Issue 20, defect 4: BigQuery's parquet guidance is row groups of at least 16 MiB
+    (at most 128 MiB); the old transform wrote ~6 MiB groups (32 MiB of Arrow memory)."""
+    sample = generate_month("yellow", 2024, 1, 1_600_000, seed=9)
+    path = write_month(sample, tmp_path / "yellow_tripdata_2024-01.parquet")
+    result = run(path, tmp_path, batch_rows=32_768)
+    metadata = pq.ParquetFile(result.processed_path).metadata
+    on_disk = [sum(metadata.row_group(g).column(c).total_compressed_size
+                   for c in range(metadata.num_columns))
+               for g in range(metadata.num_row_groups)]
+    assert len(on_disk) >= 2
+    assert all(16 * 2**20 <= size <= 128 * 2**20 for size in on_disk[:-1]), on_disk
+    assert sum(metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)) == \
+        sample.expected_good
+    # what the run reports (the artifact) is what the file holds, give or take page headers
+    reported = getattr(result.stats, "row_group_disk_bytes", [])
+    assert len(reported) == len(on_disk)
+    assert all(abs(a - b) < 2**20 for a, b in zip(reported, on_disk, strict=True))

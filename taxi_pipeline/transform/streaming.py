@@ -8,7 +8,6 @@ for one output row group (see `ROW_GROUP_BYTES`), whatever the file size.
 from __future__ import annotations
 
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -34,17 +33,25 @@ from taxi_pipeline.lineage import lineage_metadata
 
 _INT32_LIMIT = 2**31 - 1
 
-# Output row groups: at most pyarrow's (and TLC's) 1Mi rows, fewer when the
-# buffered rows reach ROW_GROUP_BYTES of Arrow memory first. A canonical row is
-# ~140 bytes in Arrow (lineage is added at write time) and ~26 in snappy
-# parquet, so a group is ~240k rows, ~6 MiB on disk, and a small file's
-# rejects are one group instead of one per batch. The memory bound: one group
-# fills while the previous one is written, so about 2 x ROW_GROUP_BYTES on top
-# of the reader and the batch in flight. Measured peak for a 3M-row month
-# (2026-11-30): 16 MiB 400 MiB, 32 MiB 439 MiB, 64 MiB 535 MiB; the pandas path
-# peaks at ~1,500 MiB and the target is <= 0.3x of it, so 32 MiB.
-ROW_GROUP_ROWS = 1_048_576
-ROW_GROUP_BYTES = 32 * 2**20
+# Output row groups are sized by their bytes ON DISK: BigQuery's guidance for
+# parquet loads is row groups of at least 16 MiB (smaller ones slow loads and
+# queries), and at most 128 MiB. A canonical row is ~140 bytes in Arrow memory
+# and ~25 on disk (snappy), so a 17 MiB group is ~700k rows, ~95 MiB while it
+# is buffered. The first group of a file closes at ROW_GROUP_DISK_BYTES x
+# ARROW_PER_DISK_BYTE of Arrow memory; later ones at the row count the bytes per
+# row written so far predict. ROW_GROUP_BYTES (Arrow memory) and ROW_GROUP_ROWS
+# bound a group whatever the data (a highly compressible file gets smaller groups
+# rather than more memory). Groups are written in the reading thread, with the
+# current batch released first, so memory is one group plus one batch and the
+# reader: a writer thread overlapping the next group doubled the buffer (measured
+# on the 3M-row month, 2026-12-06: 100 MiB groups peaked at 601 MiB with the
+# thread, 482 without; the target is <= 0.3x of the pandas path's ~1,500 MiB).
+ROW_GROUP_DISK_BYTES = 17 * 2**20
+ROW_GROUP_MIN_DISK_BYTES = 16 * 2**20
+ROW_GROUP_MAX_DISK_BYTES = 128 * 2**20
+ARROW_PER_DISK_BYTE = 5.6
+ROW_GROUP_ROWS = 4 * 1_048_576
+ROW_GROUP_BYTES = 128 * 2**20
 
 # Encoding (measured on a 514k-row group): dictionary pages for the nearly
 # unique timestamps only fill up and fall back to plain, and min/max of the
@@ -119,6 +126,8 @@ class TransformStats:
     # canonical column -> TLC "unknown" codes turned into null (RatecodeID 99)
     codes_nulled: Counter[str] = field(default_factory=Counter)
     row_groups_out: int = 0
+    # On-disk bytes of each processed row group (BigQuery wants >= 16 MiB).
+    row_group_disk_bytes: list[int] = field(default_factory=list)
 
     @property
     def rows_rejected(self) -> int:
@@ -547,34 +556,65 @@ def _choose_month(month: tuple[int, int] | None, parquet: pq.ParquetFile, column
 
 
 class _RowGroup:
-    """Batches waiting to be written as one row group of at most `max_rows` rows."""
+    """Batches waiting to be written as one row group.
 
-    def __init__(self, max_rows: int, max_bytes: int) -> None:
-        if max_rows < 1 or max_bytes < 1:
-            raise ValueError(f"row groups need at least 1 row and 1 byte, not {max_rows} rows "
-                             f"and {max_bytes} bytes")
-        self.max_rows, self.max_bytes = max_rows, max_bytes
+    Full at `max_rows` rows, at `max_bytes` of Arrow memory, or when the rows are
+    predicted to fill `disk_bytes` on disk: at first from the Arrow size
+    (ARROW_PER_DISK_BYTE), then from the bytes per row the groups written so far took.
+    """
+
+    def __init__(self, max_rows: int, max_bytes: int,
+                 disk_bytes: int = ROW_GROUP_DISK_BYTES) -> None:
+        if max_rows < 1 or max_bytes < 1 or disk_bytes < 1:
+            raise ValueError(f"row groups need at least 1 row and 1 byte, not {max_rows} rows, "
+                             f"{max_bytes} bytes and {disk_bytes} bytes on disk")
+        self.max_rows, self.max_bytes, self.disk_bytes = max_rows, max_bytes, disk_bytes
         self.batches: list[pa.RecordBatch] = []
         self.rows = self.nbytes = 0
+        self.overflow = False
+        self.written_rows = self.written_bytes = 0  # on disk, of the groups written so far
+        self.disk_sizes: list[int] = []
 
     def add(self, batch: pa.RecordBatch | None) -> pa.RecordBatch | None:
         """Take what fits; the rest of the batch (for the next group) is returned."""
         if batch is None or not batch.num_rows:
             return None
-        room = self.max_rows - self.rows
+        room = self.target_rows - self.rows
+        if not self.written_rows:  # first group: stop at the Arrow size of the disk target
+            per_row = max(batch.nbytes / batch.num_rows, 1e-3)
+            room = min(room, max(1, int((self.disk_bytes * ARROW_PER_DISK_BYTE - self.nbytes)
+                                        / per_row)))
         batch, rest = batch.slice(0, room), batch.slice(room) if batch.num_rows > room else None
         self.batches.append(batch)
         self.rows += batch.num_rows
         self.nbytes += batch.nbytes
+        self.overflow = rest is not None  # what did not fit goes to the next group
         return rest
 
     @property
+    def target_rows(self) -> int:
+        """Rows of this group: the row cap, or the rows predicted to fill `disk_bytes`."""
+        if not self.written_rows:
+            return self.max_rows
+        per_row = max(self.written_bytes / self.written_rows, 1e-3)
+        return max(1, min(self.max_rows, int(self.disk_bytes / per_row)))
+
+    @property
     def full(self) -> bool:
-        return self.rows >= self.max_rows or self.nbytes >= self.max_bytes
+        if self.overflow or self.rows >= self.target_rows or self.nbytes >= self.max_bytes:
+            return True
+        return not self.written_rows and self.nbytes >= self.disk_bytes * ARROW_PER_DISK_BYTE
 
     def take(self) -> list[pa.RecordBatch]:
         batches, self.batches, self.rows, self.nbytes = self.batches, [], 0, 0
+        self.overflow = False
         return batches
+
+    def written(self, rows: int, disk_bytes: int) -> None:
+        """A group of `rows` took `disk_bytes` in the file."""
+        self.written_rows += rows
+        self.written_bytes += disk_bytes
+        self.disk_sizes.append(disk_bytes)
 
 
 def _with_lineage(batches: list[pa.RecordBatch], schema: pa.Schema,
@@ -601,10 +641,11 @@ def transform_parquet(
     source_generation: int,
     taxi_type: str | None,
     month: tuple[int, int] | None,
-    batch_rows: int = 131_072,
+    batch_rows: int = 32_768,
     ingested_at: datetime | None = None,
     row_group_rows: int = ROW_GROUP_ROWS,
     row_group_bytes: int = ROW_GROUP_BYTES,
+    row_group_disk_bytes: int = ROW_GROUP_DISK_BYTES,
 ) -> TransformStats:
     """Write good rows to `processed_path` and rejected rows (with reason) to `rejects_path`.
 
@@ -615,6 +656,7 @@ def transform_parquet(
     is truncated, lacks required columns, or whose dataset or month neither
     its name nor its data tells; nothing written is then to be published.
     """
+    processed_path, rejects_path = Path(processed_path), Path(rejects_path)
     parquet = _open_parquet(source)
     mapping = _resolve(parquet)
     if parquet.metadata.num_rows == 0:
@@ -632,34 +674,28 @@ def transform_parquet(
     # One array per lineage column, as long as a batch; each batch takes a slice.
     lineage = {name: pa.repeat(value, batch_rows) for name, value in lineage_values.items()}
     metadata = lineage_metadata(source_uri, source_generation)
-    good_group = _RowGroup(row_group_rows, row_group_bytes)
-    bad_group = _RowGroup(row_group_rows, row_group_bytes)
+    good_group = _RowGroup(row_group_rows, row_group_bytes, row_group_disk_bytes)
+    bad_group = _RowGroup(row_group_rows, row_group_bytes, row_group_disk_bytes)
     months = _MonthCounter()
-    # Encoding and compressing the output is most of the work (profiled: ~60%)
-    # and pyarrow releases the GIL for it, so one thread writes row group n
-    # while this one reads and checks the rows of n+1. At most one row group
-    # waits. Only reading and checking errors are bad input; a failed write (a
-    # full disk) is raised as it is, to be retried. The pool is entered last,
-    # so it has finished writing before the writers close.
+    # Only reading and checking errors are bad input; a failed write (a full disk) is
+    # raised as it is, to be retried.
     with (
         pq.ParquetWriter(processed_path, CANONICAL_SCHEMA.with_metadata(metadata),
                          **_WRITE_OPTIONS) as good_writer,
         pq.ParquetWriter(rejects_path, REJECTS_SCHEMA.with_metadata(metadata),
                          **_WRITE_OPTIONS) as bad_writer,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-write") as writer,
     ):
-        pending: Future[None] | None = None
-
-        def flush(group: _RowGroup, out: pq.ParquetWriter, schema: pa.Schema) -> None:
-            """Hand the group to the writer thread once it has written the previous one."""
-            nonlocal pending
-            if pending is not None:
-                pending.result()
-                pending = None
-            if group.rows:
-                if out is good_writer:
-                    stats.row_groups_out += 1
-                pending = writer.submit(_write, out, _with_lineage(group.take(), schema, lineage))
+        def flush(group: _RowGroup, out: pq.ParquetWriter, path: Path,
+                  schema: pa.Schema) -> None:
+            """Write the group as one row group; record its size on disk."""
+            if not group.rows:
+                return
+            rows = group.rows
+            before = path.stat().st_size
+            _write(out, _with_lineage(group.take(), schema, lineage))
+            group.written(rows, path.stat().st_size - before)
+            if out is good_writer:
+                stats.row_groups_out += 1
 
         try:
             batches = parquet.iter_batches(batch_size=batch_rows,
@@ -685,16 +721,21 @@ def transform_parquet(
             if bad_reasons is not None:
                 for item in pc.value_counts(bad_reasons).to_pylist():
                     stats.rejected[item["values"]] += item["counts"]
-            for group, rows, out, schema in ((good_group, good, good_writer, CANONICAL_SCHEMA),
-                                             (bad_group, bad, bad_writer, REJECTS_SCHEMA)):
+            # The batch as read and normalised is not needed any more: release it
+            # before a group is written (the groups keep only the rows they took).
+            del raw, normalised, bad_reasons
+            for group, rows, out, path, schema in (
+                    (good_group, good, good_writer, processed_path, CANONICAL_SCHEMA),
+                    (bad_group, bad, bad_writer, rejects_path, REJECTS_SCHEMA)):
                 rest = group.add(rows)
+                del rows
                 while group.full:
-                    flush(group, out, schema)
+                    flush(group, out, path, schema)
                     rest = group.add(rest)
-        flush(good_group, good_writer, CANONICAL_SCHEMA)
-        flush(bad_group, bad_writer, REJECTS_SCHEMA)
-        if pending is not None:
-            pending.result()
+            del good, bad
+        flush(good_group, good_writer, processed_path, CANONICAL_SCHEMA)
+        flush(bad_group, bad_writer, rejects_path, REJECTS_SCHEMA)
+    stats.row_group_disk_bytes = list(good_group.disk_sizes)
     if stats.rows_in != parquet.metadata.num_rows:
         raise BadInputFile(
             "truncated",
