@@ -203,3 +203,20 @@ def test_clients_of_a_server_the_stack_started_skip_the_version_and_csrf_handsha
     monkeypatch.delenv("PREFECT_SERVER_CSRF_PROTECTION_ENABLED")
     monkeypatch.setenv("PREFECT_PROFILE", "hardened")
     assert "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED" not in stack.child_env()
+
+
+def test_a_port_left_in_time_wait_by_a_stopped_server_is_still_free() -> None:
+    """The previous `up`'s UI port, its connections in TIME_WAIT, is taken again."""
+    from taxi_pipeline.stack.local import free_port
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server side closes first: its end goes to TIME_WAIT
+    client.recv(1)
+    client.close()
+    server.close()
+    with socket.socket() as probe, pytest.raises(OSError):  # what the old check tripped on
+        probe.bind(("127.0.0.1", port))
+    assert free_port(port) == port

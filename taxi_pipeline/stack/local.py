@@ -62,9 +62,15 @@ def plain_http_api_env(api_url: str, run_dir: Path) -> dict[str, str]:
 
 
 def free_port(preferred: int | None = None) -> int:
-    """`preferred` if nothing listens there, else any free loopback port."""
+    """`preferred` if nothing listens there, else any free loopback port.
+
+    The probe binds with SO_REUSEADDR, as uvicorn and the bridge do: without it, a
+    port whose last connections are still in TIME_WAIT (the UI's 4200 for a minute
+    after the previous `up` stopped) looked taken, and `up` moved to a random port.
+    """
     if preferred:
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", preferred))
                 return preferred
