@@ -85,6 +85,9 @@ def _print_stack(stack: LocalStack, settings: Settings) -> None:
     print(f"Warehouse (DuckDB)   {settings.warehouse_file}  table {settings.table}")
     if stack.bridge_port:
         print(f"Bridge health        http://127.0.0.1:{stack.bridge_port}/healthz  (/metrics)")
+    if stack.exporter_port:
+        print(f"Pipeline metrics     http://127.0.0.1:{stack.exporter_port}/metrics  "
+              "(Prometheus: docs/monitoring.md)")
     print(f"Logs                 {stack.log_dir}")
 
 

@@ -105,6 +105,29 @@ class Settings(BaseSettings):
         default=30.0, description="Re-emit an event not confirmed as stored after this long"
     )
 
+    # -- monitoring (taxi_pipeline/monitoring, docs/monitoring.md) -----------------
+    monitor_port: int = Field(default=9464, description="Pipeline exporter /metrics port")
+    monitor_lookback_hours: float = Field(
+        default=24.0, ge=0,
+        description="On start the exporter rebuilds its state (landings awaiting their load, "
+        "runs in progress) from this many hours of stored events; counters restart at 0.",
+    )
+    monitor_scan_seconds: float = Field(
+        default=60.0, gt=0,
+        description="How often the exporter lists raw/ and reads the load log for the "
+        "stalled and oldest-unloaded gauges (one listing and one load-log query per scan).",
+    )
+    monitor_max_tracked: int = Field(
+        default=50_000, ge=100,
+        description="Cap on each piece of the exporter's state (event ids, landings, runs); "
+        "the oldest entries go first, so memory stays bounded.",
+    )
+    monitor_max_label_values: int = Field(
+        default=32, ge=1,
+        description="Distinct datasets (and reject or quarantine reasons) the exporter "
+        "labels; later ones are labelled `other`, so the series count stays bounded.",
+    )
+
     # -- local directory source --------------------------------------------------
     settle_seconds: float = Field(
         default=1.0,

@@ -217,6 +217,8 @@ class LocalStack:
     ui: bool = True
     env: dict[str, str] = field(default_factory=dict)
     bridge_port: int | None = None
+    start_exporter: bool = True
+    exporter_port: int | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
     database: EmbeddedPostgres | None = None
 
@@ -439,6 +441,11 @@ class LocalStack:
                 self.bridge_port = bridge_port(self.settings, prefer_default=self.ui)
             self.env["TAXI_BRIDGE_PORT"] = str(self.bridge_port)
             self.spawn("bridge", [sys.executable, "-m", "pubsub_bridge"])
+        if self.start_exporter:  # pipeline metrics (docs/monitoring.md)
+            if self.exporter_port is None:
+                self.exporter_port = exporter_port(self.settings, prefer_default=self.ui)
+            self.env["TAXI_MONITOR_PORT"] = str(self.exporter_port)
+            self.spawn("exporter", [sys.executable, "-m", "taxi_pipeline.monitoring"])
         return self
 
     @property
@@ -540,6 +547,13 @@ def bridge_port(settings: Settings, prefer_default: bool) -> int:
     if bridge_port_explicit(settings):
         return settings.bridge_port
     return free_port(settings.bridge_port if prefer_default else None)
+
+
+def exporter_port(settings: Settings, prefer_default: bool) -> int:
+    """TAXI_MONITOR_PORT when set; else its default if free (for `up`), or any free port."""
+    if "monitor_port" in settings.model_fields_set or "TAXI_MONITOR_PORT" in os.environ:
+        return settings.monitor_port
+    return free_port(settings.monitor_port if prefer_default else None)
 
 
 def bridge_lost_its_port(bridge: ManagedProcess, port: int) -> bool:
