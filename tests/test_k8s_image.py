@@ -241,7 +241,8 @@ def pipeline_containers() -> list[tuple[str, dict[str, Any]]]:
 
 def test_every_pipeline_container_has_a_command() -> None:
     names = {name for name, _ in pipeline_containers()}
-    assert names == {"prefect-server", "prefect-worker", "taxi-bridge", "taxi-deploy"}
+    assert names == {"prefect-server", "prefect-services", "prefect-migrate", "prefect-worker",
+                     "taxi-bridge", "taxi-deploy"}
     for name, c in pipeline_containers():
         assert c.get("command"), f"{name} relies on the image's CMD"
 

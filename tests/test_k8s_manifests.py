@@ -476,7 +476,7 @@ def test_prefect_server_contract_and_production_settings(
     spec = pod_spec(server) or {}
     (c,) = spec["containers"]
     assert c["name"] == "prefect-server" and c["command"] == [
-        "python", "-m", "taxi_pipeline.stack.prefect_server_start"]
+        "python", "-m", "taxi_pipeline.stack.prefect_server_start", "--no-services"]
     assert c["envFrom"] == [{"configMapRef": {"name": "prefect-server-config"}}]
     env = {e["name"]: e for e in c["env"]}
     assert all("valueFrom" in e or "value" in e for e in env.values())

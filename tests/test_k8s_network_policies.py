@@ -28,6 +28,12 @@ from support.k8s import (
 )
 
 IMAGE = "registry.example/taxi@sha256:" + "ab" * 32
+# Who may open a connection to each datastore: the API, the background services, and
+# (PostgreSQL only) the migration Job.
+DATABASE_CLIENTS = {
+    "prefect-postgres": {"prefect-server", "prefect-services", "prefect-migrate"},
+    "prefect-redis": {"prefect-server", "prefect-services"},
+}
 
 
 @pytest.fixture(scope="module", params=["base", *[p.name for p in OVERLAYS]])
@@ -117,13 +123,14 @@ def pods(docs: list[dict[str, Any]]) -> dict[str, Pod]:
 
 def spoofed_flow_run(docs: list[dict[str, Any]]) -> dict[str, str]:
     """A deployment and flow named prefect-server whose `labels` job variable copies
-    every label of the server, PostgreSQL and Redis pods (what any holder of the API
-    auth string can register)."""
+    every label of the API, services, migration, PostgreSQL and Redis pods (what any
+    holder of the API auth string can register)."""
     stolen: dict[str, str] = {}
-    for name in ("prefect-redis", "prefect-postgres", "prefect-server"):
-        stolen.update(pod_labels(find(docs, "StatefulSet" if name != "prefect-server"
-                                      else "Deployment", name))
-                      if any(d["metadata"]["name"] == name for d in docs) else {})
+    for name in ("prefect-redis", "prefect-postgres", "prefect-services", "prefect-migrate",
+                 "prefect-server"):
+        for doc in docs:
+            if doc["metadata"]["name"] == name and pod_spec(doc) is not None:
+                stolen.update(pod_labels(doc))
     job = render_flow_run_job("prefect-server", {"image": IMAGE, "labels": stolen})
     return dict(job["spec"]["template"]["metadata"]["labels"])
 
@@ -167,13 +174,14 @@ def test_reachability_matrix(docs: list[dict[str, Any]]) -> None:
     everyone["stranger"] = (NAMESPACE, {"app.kubernetes.io/name": "something-else"})
     everyone["other-namespace"] = ("default", {"taxi-pipeline/prefect-client": "true",
                                                "taxi-pipeline/workload": "prefect-server"})
-    clients = {"prefect-worker", "taxi-bridge", "flow-run", "taxi-deploy"} & set(everyone)
+    clients = {"prefect-worker", "taxi-bridge", "flow-run", "taxi-deploy", "taxi-exporter",
+               "prefect-exporter"} & set(everyone)
     for name, pod in everyone.items():
         assert allowed(policies, pod, everyone["prefect-server"], 4200) is (name in clients), name
         for db, port in (("prefect-postgres", 5432), ("prefect-redis", 6379)):
             if db in everyone:
                 assert allowed(policies, pod, everyone[db], port) is (
-                    name == "prefect-server"), (name, db)
+                    name in DATABASE_CLIENTS[db]), (name, db)
         assert not allowed(policies, pod, everyone["prefect-worker"], 8080), name
         assert not allowed(policies, pod, everyone["taxi-bridge"], 8080), name
     labelled = {n for n, (_, labels) in everyone.items()
@@ -207,6 +215,11 @@ def test_managed_prometheus_scrapes_the_bridge(docs: list[dict[str, Any]],
     assert allowed(policies, collector, everyone["taxi-bridge"], 8080)
     assert not allowed(policies, collector, everyone["prefect-server"], 4200)
     assert not allowed(policies, ("default", {}), everyone["taxi-bridge"], 8080)
+    # The pipeline exporter and PrefectHQ's exporter (k8s/base/monitoring.yaml).
+    for exporter, port in (("taxi-exporter", 9464), ("prefect-exporter", 8000)):
+        assert allowed(policies, collector, everyone[exporter], port), exporter
+        assert not allowed(policies, ("default", {}), everyone[exporter], port), exporter
+        assert not allowed(policies, everyone["flow-run"], everyone[exporter], port), exporter
 
 
 def test_the_job_template_offers_no_labels_variable() -> None:

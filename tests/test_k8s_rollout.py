@@ -30,8 +30,9 @@ from support.k8s import NAMESPACE, REPO, kubectl, render
 WORKFLOW = REPO / ".github" / "workflows" / "deploy.yml"
 DIGEST_A = "europe-west4-docker.pkg.dev/acme/taxi-pipeline/taxi-pipeline@sha256:" + "a1" * 32
 DIGEST_B = "europe-west4-docker.pkg.dev/acme/taxi-pipeline/taxi-pipeline@sha256:" + "b2" * 32
-PIPELINE_WORKLOADS = {("Deployment", "prefect-server"), ("Deployment", "prefect-worker"),
-                      ("Deployment", "taxi-bridge"), ("Job", "taxi-deploy")}
+PIPELINE_WORKLOADS = {("Deployment", "prefect-server"), ("Deployment", "prefect-services"),
+                      ("Deployment", "prefect-worker"), ("Deployment", "taxi-bridge"),
+                      ("Job", "prefect-migrate"), ("Job", "taxi-deploy")}
 
 FAKE_KUBECTL = textwrap.dedent('''\
     #!{python}
@@ -191,8 +192,12 @@ def cluster(tmp_path: Path) -> FakeCluster:
 
 
 def pipeline_images(objects: dict[tuple[str, str, str], dict[str, Any]]) -> dict[str, list[str]]:
-    return {name: [c["image"] for c in obj["spec"]["template"]["spec"]["containers"]]
-            for (kind, _, name), obj in objects.items() if (kind, name) in PIPELINE_WORKLOADS}
+    """The pipeline image of each workload: every container and init container of ours."""
+    return {name: sorted({c["image"] for c in [*spec.get("initContainers", []),
+                                              *spec["containers"]]
+                          if "taxi-pipeline" in c["image"]})
+            for (kind, _, name), obj in objects.items() if (kind, name) in PIPELINE_WORKLOADS
+            for spec in [obj["spec"]["template"]["spec"]]}
 
 
 def test_an_empty_cluster_and_one_push_give_running_deployments_with_the_digest(
@@ -209,16 +214,20 @@ def test_an_empty_cluster_and_one_push_give_running_deployments_with_the_digest(
     rendered = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"])
                 for d in render(REPO / "k8s" / "overlays" / "gke")}
     assert rendered <= set(objects)
-    # Order: render, replace the Job, apply, then wait for every workload and the Job.
+    # Order: render, replace both Jobs, apply; then the datastores, the migration Job,
+    # every Deployment, and the registration Job last.
     calls = cluster.calls()
     verbs = [next(a for a in c if not a.startswith("-") and a not in (NAMESPACE,))
              for c in calls]
-    assert verbs[:3] == ["kustomize", "delete", "apply"]
-    waited = [c[c.index("status") + 1] for c in calls if "rollout" in c]
-    assert set(waited) == {"deployment/prefect-server", "deployment/prefect-worker",
-                           "deployment/taxi-bridge", "statefulset/prefect-postgres",
-                           "statefulset/prefect-redis"}
-    assert verbs[-1] == "wait" and "job/taxi-deploy" in calls[-1]
+    assert verbs[:4] == ["kustomize", "delete", "delete", "apply"]
+    assert {c[c.index("job") + 1] for c in calls[1:3]} == {"prefect-migrate", "taxi-deploy"}
+    waits = [c[c.index("status") + 1] if "rollout" in c else
+             next(a for a in c if a.startswith("job/")) for c in calls[4:]]
+    assert waits[:3] == ["statefulset/prefect-postgres", "statefulset/prefect-redis",
+                         "job/prefect-migrate"], waits
+    assert waits[-1] == "job/taxi-deploy", waits
+    assert set(waits[3:-1]) == {"deployment/prefect-server", "deployment/prefect-services",
+                                "deployment/prefect-worker", "deployment/taxi-bridge"}
 
 
 def test_a_second_push_replaces_the_image_and_prunes_what_the_manifests_dropped(
@@ -277,7 +286,18 @@ def test_the_gitops_job_commits_the_digest_flux_and_argo_apply(tmp_path: Path) -
     # The committed file renders too (the placeholder digest before the first release).
     assert render(REPO / "k8s" / "release" / "gke")
     # Flux recreates the registration Job on a new image; Argo runs it after the sync.
-    job = next(d for d in docs if d["kind"] == "Job")
-    annotations = job["metadata"]["annotations"]
-    assert annotations["kustomize.toolkit.fluxcd.io/force"] == "enabled"
-    assert annotations["argocd.argoproj.io/hook"] == "PostSync"
+    jobs = {d["metadata"]["name"]: d["metadata"]["annotations"] for d in docs
+            if d["kind"] == "Job"}
+    assert jobs["taxi-deploy"]["kustomize.toolkit.fluxcd.io/force"] == "enabled"
+    assert jobs["taxi-deploy"]["argocd.argoproj.io/hook"] == "PostSync"
+    # The migration: Flux recreates it and (wait: true) waits for it; Argo CD runs it as a
+    # Sync hook (with the ConfigMap and PostgreSQL, which a PreSync hook would precede on
+    # an empty cluster). Either way the servers' init containers hold them until it is done.
+    assert jobs["prefect-migrate"]["kustomize.toolkit.fluxcd.io/force"] == "enabled"
+    assert jobs["prefect-migrate"]["argocd.argoproj.io/hook"] == "Sync"
+    for name in ("prefect-server", "prefect-services"):
+        deployment = next(d for d in docs if d["kind"] == "Deployment"
+                          and d["metadata"]["name"] == name)
+        (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
+        assert init["command"] == ["python", "-m", "taxi_pipeline.stack.prefect_schema"]
+        assert init["image"] == DIGEST_B

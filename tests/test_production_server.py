@@ -49,7 +49,9 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,6 +68,7 @@ import pytest
 from prefect.events import Event
 from prefect.events.clients import get_events_client
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+from support.emulators import stop_group
 from support.k8s import find, render
 from support.prefect_server import PrefectServer, postgres_available, postgres_database
 from support.redis_server import RedisServer, redis_available, redis_server
@@ -111,19 +114,22 @@ class ManifestServer:
     command: list[str]
 
 
-def manifest_server(overlay: Path = OVERLAY) -> ManifestServer:
-    """Render the overlay and collect the server container's environment as Kubernetes would."""
+def manifest_server(overlay: Path = OVERLAY, kind: str = "Deployment",
+                    name: str = SERVER) -> ManifestServer:
+    """Render the overlay and collect the environment of the container named like its
+    workload (the API `prefect-server`, the services `prefect-services`, the migration
+    Job `prefect-migrate`) as Kubernetes would."""
     docs = render(overlay)
-    deployment = find(docs, "Deployment", SERVER)
+    deployment = find(docs, kind, name)
     matches = [c for c in deployment["spec"]["template"]["spec"]["containers"]
-               if c["name"] == SERVER]
-    assert len(matches) == 1, f"Deployment {SERVER} has no container named {SERVER}"
+               if c["name"] == name]
+    assert len(matches) == 1, f"{kind} {name} has no container named {name}"
     container = matches[0]
     env: dict[str, str] = {}
     secrets: dict[str, str] = {}
     for source in container.get("envFrom", []):  # envFrom first: env entries win
         if "configMapRef" not in source:
-            raise AssertionError(f"{SERVER} takes its environment from {source}: the test "
+            raise AssertionError(f"{name} takes its environment from {source}: the test "
                                  "cannot tell which settings that sets (use secretKeyRef)")
         data = find(docs, "ConfigMap", source["configMapRef"]["name"]).get("data", {})
         env.update({source.get("prefix", "") + k: str(v) for k, v in data.items()})
@@ -369,15 +375,21 @@ def backing_services(root: Path) -> Iterator[Backing]:
 
 
 def production_server(backing: Backing, name: str,
-                      extra: dict[str, str] | None = None) -> PrefectServer:
-    """A server with the manifests' settings (plus `extra`), on the shared database and Redis."""
+                      extra: dict[str, str] | None = None, split: bool = False) -> PrefectServer:
+    """A server with the manifests' settings (plus `extra`), on the shared database and Redis.
+
+    `split`: the manifests' API command as it is (`--no-services`); it then needs a
+    `ServicesProcess` beside it. Otherwise API and services in one process."""
     manifest = manifest_server()
-    assert manifest.command == ["python", "-m", "taxi_pipeline.stack.prefect_server_start"], (
-        f"the manifests run {manifest.command}; this test runs the same launcher "
-        "(`prefect server start`: API and services, the event persister included, in one "
-        "process)")
+    launcher = ["python", "-m", "taxi_pipeline.stack.prefect_server_start"]
+    assert manifest.command[:3] == launcher, (
+        f"the manifests run {manifest.command}; this test runs the same launcher")
     home = backing.root / name
-    server = PrefectServer(backing.database_url, home)
+    # The manifests' own options (--no-services: the API only) unless asked for the
+    # all-in-one server the figures of docs/benchmarks.md were measured on.
+    args = manifest.command[3:] if split else [a for a in manifest.command[3:]
+                                              if a != "--no-services"]
+    server = PrefectServer(backing.database_url, home, extra_args=args)
     env = local_env(manifest, database_url=backing.database_url, redis=backing.redis,
                     home=home, port=server.port)
     server.extra_env = {**env, **(extra or {})}
@@ -460,6 +472,173 @@ def test_production_configuration_after_sigkill(backing: Backing) -> None:
     # each is written to PostgreSQL before its message is acknowledged: none is lost.
     assert http.reached_redis == http.emitted, http.line()
     assert http.stored == http.emitted, http.line()
+
+
+# --- the split server: API pods, a services pod, a migration Job ---------------------------
+
+SERVICES = "prefect-services"
+MIGRATE = "prefect-migrate"
+SERVICES_READY_SECONDS = 120.0
+
+
+def local_command(argv: list[str]) -> list[str]:
+    """A manifest command run by this interpreter (`python` and the `prefect` script)."""
+    if argv[0] == "python":
+        return [sys.executable, *argv[1:]]
+    if argv[0] == "prefect":
+        return [sys.executable, "-m", "prefect", *argv[1:]]
+    raise AssertionError(f"teach this test to run {argv}")
+
+
+def workload_env(backing: Backing, kind: str, name: str, port: int) -> tuple[list[str], dict]:
+    manifest = manifest_server(kind=kind, name=name)
+    home = backing.root / name
+    home.mkdir(parents=True, exist_ok=True)
+    env = local_env(manifest, database_url=backing.database_url, redis=backing.redis,
+                    home=home, port=port)
+    return manifest.command, {**os.environ, "PREFECT_UI_ENABLED": "false", **env}
+
+
+def schema_ready(env: dict[str, str]) -> bool:
+    """The API's and services' init container, checking once."""
+    init = manifest_init_command()
+    result = subprocess.run([*local_command(init), "--timeout", "0"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode == 0
+
+
+def manifest_init_command() -> list[str]:
+    docs = render(OVERLAY)
+    commands = {name: [c["command"] for c in find(docs, "Deployment", name)["spec"]["template"]
+                       ["spec"].get("initContainers", [])] for name in (SERVER, SERVICES)}
+    assert commands[SERVER] == commands[SERVICES] and len(commands[SERVER]) == 1, commands
+    return list(commands[SERVER][0])
+
+
+def migrate(backing: Backing, port: int) -> None:
+    """The Job prefect-migrate: its command with its environment."""
+    command, env = workload_env(backing, "Job", MIGRATE, port)
+    assert command == ["prefect", "server", "database", "upgrade", "-y"], command
+    result = subprocess.run(local_command(command), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+class ServicesProcess:
+    """The prefect-services container: its command and environment; its probe says ready."""
+
+    def __init__(self, backing: Backing, port: int) -> None:
+        self.command, self.env = workload_env(backing, "Deployment", SERVICES, port)
+        assert self.command == ["prefect", "server", "services", "start"], self.command
+        self.log = backing.root / SERVICES / "services.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def probe(self, *extra: str) -> bool:
+        docs = render(OVERLAY)
+        (container,) = find(docs, "Deployment", SERVICES)["spec"]["template"]["spec"][
+            "containers"]
+        argv = [*container["readinessProbe"]["exec"]["command"], *extra]
+        result = subprocess.run(local_command(argv), env=self.env, capture_output=True,
+                                text=True, timeout=60)
+        return result.returncode == 0
+
+    def start(self) -> ServicesProcess:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(local_command(self.command), env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + SERVICES_READY_SECONDS
+        while not self.probe():  # the manifests' readiness probe: a fresh Docket heartbeat
+            assert self.process.poll() is None, self.log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "the services never sent a heartbeat"
+            time.sleep(1)
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None:
+            stop_group(self.process, 10, signal.SIGKILL)
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process, 30)
+            self.process = None
+
+
+async def _read_all(api_url: str, events: list[Event]) -> set[uuid.UUID]:
+    """Read back by id until every event is stored (the positive signal) or the deadline."""
+    deadline = time.monotonic() + STORE_DEADLINE
+    async with EventDelivery() as delivery:
+        while True:
+            found = await delivery.stored(events)
+            if len(found) == len(events) or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(0.5)
+
+
+@pytest.fixture
+def split_backing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backing]:
+    """A database of its own: the schema starts empty, as on a first install."""
+    reason = postgres_available() or redis_available()
+    if reason:
+        pytest.skip(reason)
+    with backing_services(tmp_path_factory.mktemp("split-server")) as running:
+        yield running
+
+
+@pytest.mark.e2e
+def test_split_server_survives_a_sigkill_of_either_part(split_backing: Backing) -> None:
+    """The manifests' HA layout, run here: the migration Job's command, then the API
+    (`--no-services`) and the background services as two processes, each with its own
+    environment from the rendered manifests. Events accepted by the API (HTTP 204) while
+    the services are SIGKILLed and down, and right before the API is SIGKILLed, are all
+    stored once both are back (read back by id)."""
+    backing = split_backing
+    api = production_server(backing, SERVER, split=True)
+    assert "--no-services" in api.extra_args
+    assert api.extra_env["PREFECT_API_DATABASE_MIGRATE_ON_START"] == "false"
+    _, api_env = workload_env(backing, "Deployment", SERVER, api.port)
+    # First install: the init container holds the servers until the Job has migrated.
+    assert not schema_ready(api_env)
+    migrate(backing, api.port)
+    assert schema_ready(api_env)
+    services = ServicesProcess(backing, api.port)
+    assert not services.probe(), "the probe passes with no services process running"
+    api.start()
+    try:
+        services.start()
+        with as_client_of(api):
+            # The API alone serves reads: no services process runs inside it.
+            assert httpx.get(api.api_url + "/ready", timeout=10).status_code == 200
+            before = make_events("split/before", 20)
+            asyncio.run(post_events(api.api_url, before))
+            assert asyncio.run(_read_all(api.api_url, before)) == {e.id for e in before}
+
+            # 1. SIGKILL the services right after the API accepted a batch; accept more
+            #    while they are down; start them again: everything is stored.
+            first = make_events(f"split/services/{uuid.uuid4()}", EVENTS_PER_TRIAL)
+            asyncio.run(post_events(api.api_url, first))
+            services.kill()
+            while_down = make_events(f"split/down/{uuid.uuid4()}", EVENTS_PER_TRIAL)
+            asyncio.run(post_events(api.api_url, while_down))
+            services.start()
+            stored = asyncio.run(_read_all(api.api_url, first + while_down))
+            assert stored == {e.id for e in first + while_down}, (
+                f"{len(first + while_down) - len(stored)} of {len(first + while_down)} "
+                "events lost across a services SIGKILL")
+
+            # 2. SIGKILL the API right after its 204s; start it again: everything is stored.
+            second = make_events(f"split/api/{uuid.uuid4()}", EVENTS_PER_TRIAL)
+            asyncio.run(post_events(api.api_url, second))
+            api.kill()
+            api.start()
+            stored = asyncio.run(_read_all(api.api_url, second))
+            assert stored == {e.id for e in second}, (
+                f"{len(second) - len(stored)} of {len(second)} events lost across an API "
+                "SIGKILL")
+    finally:
+        services.stop()
+        api.stop()
 
 
 # --- figures for docs/benchmarks.md--------------------------------------------------------------

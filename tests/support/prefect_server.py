@@ -88,12 +88,15 @@ class PrefectServer:
     """`prefect server start` on a fixed port; stop, kill and start again at will."""
 
     def __init__(self, database_url: str, home: Path, port: int | None = None,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+                 extra_env: Mapping[str, str] | None = None,
+                 extra_args: list[str] | None = None) -> None:
         self.database_url = database_url
         self.home = home
         self.port = port or free_port()
         # Applied last, e.g. the production server's settings (Redis broker, auth).
         self.extra_env = dict(extra_env or {})
+        # More `prefect server start` options, e.g. the manifests' --no-services.
+        self.extra_args = list(extra_args or [])
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -116,7 +119,7 @@ class PrefectServer:
         log = (self.home / "server.log").open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "taxi_pipeline.stack.prefect_server_start",
-             "--host", "127.0.0.1", "--port", str(self.port)],
+             "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args],
             env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
