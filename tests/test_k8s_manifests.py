@@ -35,7 +35,8 @@ from support.k8s import (
 from taxi_pipeline.settings import Settings
 
 # Kinds without a bundled schema (CRDs) that an overlay may use on purpose.
-CRD_KINDS = {("monitoring.googleapis.com/v1", "PodMonitoring")}
+CRD_KINDS = {("monitoring.googleapis.com/v1", "PodMonitoring"),
+             ("monitoring.googleapis.com/v1", "Rules")}
 
 # checkov findings accepted everywhere, each for a reason. Resource-specific
 # exceptions are annotated on the resource itself (checkov.io/skip1).
