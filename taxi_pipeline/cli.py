@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import shlex
 import shutil
 import signal
@@ -23,11 +24,11 @@ import time
 from collections.abc import Coroutine
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pyarrow.parquet as pq
 
-from taxi_pipeline.objects import ObjectRef, sibling_name
+from taxi_pipeline.objects import ObjectRef, output_name, sibling_name
 from taxi_pipeline.settings import Settings, SettingsError, get_settings
 from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.stack.local import LocalStack
@@ -51,6 +52,17 @@ def _require_up_profile(settings: Settings, command: str) -> None:
     except SettingsError as exc:
         message += f"\n{exc}"
     raise SystemExit(message)
+
+
+def say(line: str, stream: TextIO | None = None) -> None:
+    """Print a line of `up`, and keep going when the terminal is gone: a closed pipe
+    must not stop `up` half way through stopping its parts."""
+    stream = stream or sys.stdout
+    try:
+        print(line, file=stream, flush=True)
+    except (BrokenPipeError, ValueError, OSError):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -112,7 +124,7 @@ def _run_until_stopped(stack: LocalStack, settings: Settings, watched: Running) 
     print("Running. Press Ctrl-C to stop everything.", flush=True)
     code = Supervisor(stack, RestartPolicy.from_settings(settings), watched=watched).run(stopping)
     if code == 0:
-        print("\nStopping...", flush=True)
+        say("\nStopping...")
     return code
 
 
@@ -126,17 +138,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("Starting the emulator profile (Pub/Sub emulator, fake-gcs-server, BigQuery "
               "emulator, Prefect server, worker, bridge)...", flush=True)
         with emulator_stack(settings, ui=True, preferred_ports=True) as running:
+            running.stack.on_stop = say
             print("\n".join(running.describe()), flush=True)
             emulators = [p for p in running.processes()
                          if p[0] not in {m.name for m in running.stack.processes}]
             code = _run_until_stopped(running.stack, running.settings, emulators)
     else:
         print("Starting the local profile (Prefect server, worker, bridge)...", flush=True)
-        with LocalStack(settings, ui=True) as stack:
+        with LocalStack(settings, ui=True, on_stop=say) as stack:
             _print_stack(stack, settings)
             code = _run_until_stopped(stack, settings, [])
     if code == 0:
-        print("Stopped; nothing left running.")
+        say("Stopped; nothing left running.")
     return code
 
 
@@ -227,7 +240,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 shutil.copyfile(source, target)
 
         store = store_from_settings(settings)
-        rejects_name = sibling_name(name, settings.raw_prefix, settings.rejects_prefix)
+        rejects_name = output_name(name, settings.raw_prefix, settings.rejects_prefix)
         for attempt in range(1, args.drops + 1):
             dropped = time.monotonic()
             drop()

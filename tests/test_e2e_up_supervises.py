@@ -14,6 +14,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from support.burst import (
     read_outcome,
     wait_all_loaded,
 )
-from support.local_e2e import launch_up, processes_of, stop_up
+from support.local_e2e import processes_of, running_up
 
 from taxi_pipeline import events
 from taxi_pipeline.settings import Settings
@@ -81,6 +82,9 @@ class Output:
         for line in stream:  # type: ignore[attr-defined]
             self.lines.append(line)
 
+    def join(self) -> None:
+        self._thread.join(timeout=30)
+
     def wait_for(self, text: str, after: int, timeout: float = 240) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -106,7 +110,11 @@ def stack_events(api_url: str, name: str) -> list[str]:
 def test_every_part_killed_mid_burst_is_restarted_and_every_file_loads_once(
         tmp_path: Path) -> None:
     home = tmp_path / "up-home"
-    up, _ = launch_up(home)
+    with running_up(home) as (up, _):
+        supervised_burst(up, home, tmp_path)
+
+
+def supervised_burst(up: subprocess.Popen[str], home: Path, tmp_path: Path) -> None:
     output = Output(up.stdout)
     settings = Settings(profile="local", home=home)
     files = make_burst(FILES, tmp_path / "burst", settings, first_year=2040)
@@ -143,7 +151,14 @@ def test_every_part_killed_mid_burst_is_restarted_and_every_file_loads_once(
     api_url = (home / "api-url").read_text()
     restarted = stack_events(api_url, events.STACK_RESTARTED)
     assert {name for name, _ in parts} <= set(restarted), restarted
-    stop_up(up, home, signal.SIGTERM)
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(timeout=120) == 0
+    output.join()
+    assert "Stopped; nothing left running." in "".join(output.lines)
+    deadline = time.monotonic() + 10
+    while processes_of(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(home) == []
 
 
 def test_a_part_that_always_dies_ends_up_with_1_and_nothing_running(tmp_path: Path) -> None:
@@ -152,10 +167,10 @@ def test_a_part_that_always_dies_ends_up_with_1_and_nothing_running(tmp_path: Pa
     home = tmp_path / "loop-home"
     with socket.create_server(("0.0.0.0", 0)) as taken:
         port = taken.getsockname()[1]
-        up, _ = launch_up(home, {"TAXI_BRIDGE_PORT": str(port), "TAXI_RESTART_LIMIT": "2",
-                                 "TAXI_RESTART_BACKOFF_SECONDS": "0.2"})
-        began = time.monotonic()
-        code = up.wait(timeout=180)
+        with running_up(home, {"TAXI_BRIDGE_PORT": str(port), "TAXI_RESTART_LIMIT": "2",
+                               "TAXI_RESTART_BACKOFF_SECONDS": "0.2"}) as (up, _):
+            began = time.monotonic()
+            code = up.wait(timeout=180)
     took = time.monotonic() - began
     assert up.stdout is not None
     text = up.stdout.read()

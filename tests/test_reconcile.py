@@ -76,6 +76,11 @@ def test_in_flight_objects_are_left_alone_until_they_are_quiet() -> None:
     # A transform that started and never finished is presumed running for a while...
     started = event(events.TRANSFORM_STARTED, timedelta(minutes=10))
     assert "not finished" in (why_in_flight([started], three, now) or "")
+    # ... but only while its run is queued or running: a run that ended (crashed) does not
+    # hold the object back for RUNNING_GRACE; unknown (runs unreadable) keeps the grace.
+    assert why_in_flight([started], three, now, active=False) is None
+    assert "not finished" in (why_in_flight([started], three, now, active=True) or "")
+    assert "not finished" in (why_in_flight([started], three, now, active=None) or "")
     # ... but not forever: its process may be gone.
     lost = event(events.TRANSFORM_STARTED, RUNNING_GRACE + timedelta(minutes=1))
     assert why_in_flight([lost], three, now) is None

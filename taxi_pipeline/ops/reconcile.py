@@ -26,9 +26,10 @@ from prefect.events import Event
 
 from taxi_pipeline import events
 from taxi_pipeline.content_twins import earlier_twin
+from taxi_pipeline.datasets.registry import table_for_name
 from taxi_pipeline.event_delivery import EventDelivery
 from taxi_pipeline.lineage import NotAProcessedObject, source_of
-from taxi_pipeline.objects import ObjectRef, sibling_name
+from taxi_pipeline.objects import ObjectRef, output_name, sibling_name
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
 from taxi_pipeline.warehouse import Warehouse, warehouse_from_settings
@@ -93,7 +94,7 @@ def find_stalled(store: ObjectStore, warehouse: Warehouse, settings: Settings,
     for obj in store.list(settings.raw_prefix):
         if obj.updated is not None and now - obj.updated < older_than:
             continue
-        loaded = warehouse.loaded(settings.table, obj.uri)
+        loaded = warehouse.loaded(table_for_name(obj.name, settings.table), obj.uri)
         if loaded is not None and loaded[0] >= obj.generation:
             continue
         quarantined = sibling_name(obj.name, settings.raw_prefix, settings.quarantine_prefix)
@@ -125,7 +126,7 @@ def transformed(store: ObjectStore, raw: ObjectRef, settings: Settings) -> Objec
     Re-emitting it re-runs only the load (a lost notification of the processed
     object must not cost a second transform, and may never heal otherwise).
     """
-    name = sibling_name(raw.name, settings.raw_prefix, settings.processed_prefix)
+    name = output_name(raw.name, settings.raw_prefix, settings.processed_prefix)
     try:
         processed = store.ref(name)
         source_uri, source_generation = source_of(store, processed)
@@ -140,7 +141,7 @@ def transformed(store: ObjectStore, raw: ObjectRef, settings: Settings) -> Objec
 
 
 def _processed_uri(obj: ObjectRef, settings: Settings) -> str:
-    processed = sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix)
+    processed = output_name(obj.name, settings.raw_prefix, settings.processed_prefix)
     return ObjectRef(bucket=obj.bucket, name=processed, generation=0, scheme=obj.scheme).uri
 
 
@@ -158,8 +159,17 @@ async def latest_events(delivery: EventDelivery, uris: list[str], since: datetim
 
 def why_in_flight(latest: list[Event], older_than: timedelta, now: datetime,
                   exhausted: list[Event] | None = None,
-                  landed: datetime | None = None) -> str | None:
-    """Why an object with these newest events should be left alone, or None."""
+                  landed: datetime | None = None, active: bool | None = None) -> str | None:
+    """Why an object with these newest events should be left alone, or None.
+
+    `active`: whether a transform or load run of the object is queued or running
+    (None: unknown). A step that started and never finished is only in flight
+    while its run is: one whose run ended (crashed with its process, or set
+    Crashed after a restart) is re-emitted at once rather than after
+    RUNNING_GRACE. The grace stays for when the runs cannot be read, and because
+    the server may take 15 minutes to act on such a crash itself (its triggers
+    wait for a state event it lost in a restart before acting on the next).
+    """
     for event in exhausted or []:
         if landed is None or event.occurred >= landed:
             return (f"automatic recovery gave up at {event.occurred:%Y-%m-%d %H:%M}; "
@@ -170,7 +180,7 @@ def why_in_flight(latest: list[Event], older_than: timedelta, now: datetime,
     age = now - newest.occurred
     if age < older_than:
         return f"{newest.event} {age.total_seconds():.0f}s ago"
-    if newest.event in _STARTED and age < RUNNING_GRACE:
+    if newest.event in _STARTED and age < RUNNING_GRACE and active is not False:
         return f"{newest.event} {age.total_seconds():.0f}s ago and not finished"
     return None
 
@@ -232,13 +242,19 @@ async def reconcile(settings: Settings, older_than: timedelta, dry_run: bool,
             latest = await latest_events(delivery, uris, now - max(older_than, RUNNING_GRACE))
             gave_up = await latest_events(delivery, uris, now - EXHAUSTED_WINDOW,
                                           [events.RECOVERY_EXHAUSTED])
-            queued = await active_objects(["transform", "load"])
+            queued: set[str] | None
+            try:
+                queued = await active_objects(["transform", "load"])
+            except Exception as exc:  # unknown: started steps keep their grace
+                log.warning("cannot read queued and running flow runs: %s", exc)
+                queued = None
             for item in report.stalled:
                 pair = (item.obj.uri, _processed_uri(item.obj, settings))
+                active = None if queued is None else bool(queued.intersection(pair))
                 why = why_in_flight([latest[u] for u in pair if u in latest], older_than, now,
                                     [gave_up[u] for u in pair if u in gave_up],
-                                    item.obj.updated)
-                if why is None and queued.intersection(pair):
+                                    item.obj.updated, active)
+                if why is None and active:
                     why = "a transform or load run for it is queued or running"
                 if why:
                     report.in_flight[item.obj.uri] = why

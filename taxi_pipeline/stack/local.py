@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -221,6 +222,8 @@ class LocalStack:
     exporter_port: int | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
     database: EmbeddedPostgres | None = None
+    # Told each step of stop() as it happens (`up` prints them); None: quiet.
+    on_stop: Callable[[str], None] | None = None
 
     @property
     def api_url_file(self) -> Path:
@@ -499,7 +502,9 @@ class LocalStack:
         Flow-run processes may sit in sessions of their own, out of reach of a
         process-group signal, so they are found by ancestry before anything stops
         and killed if still alive; their runs are marked Crashed while the server
-        is still up, so the database does not keep them Running forever.
+        is still up, so the database does not keep them Running forever. Each step
+        is announced through `on_stop` (`up` prints them) and a step that fails is
+        reported and passed: the steps after it still run, so nothing is left behind.
         """
         orphans: list[psutil.Process] = []
         run_ids: dict[int, str] = {}
@@ -508,20 +513,46 @@ class LocalStack:
             if managed.name == "prefect-server":
                 server = managed
                 continue
-            orphans += self.descendants()  # again before each stop: runs may have started
-            run_ids.update(flow_run_ids(orphans))
-            managed.stop()
-        survivors = kill_all(orphans)
+
+            def stop_one(managed: ManagedProcess = managed) -> None:
+                orphans.extend(self.descendants())  # again before each: runs may have started
+                run_ids.update(flow_run_ids(orphans))
+                managed.stop()
+
+            self._stop_step(managed.name, stop_one)
+        survivors: list[int] = []
+        if orphans:
+            self._stop_step("flow runs still running",
+                            lambda: survivors.extend(kill_all(orphans)))
         if run_ids and self.api_url:
-            mark_crashed(self.api_url, run_ids, survivors)
+            api_url = self.api_url
+            self._stop_step(f"{len(run_ids)} interrupted flow run(s): marking them Crashed",
+                            lambda: mark_crashed(api_url, run_ids, survivors))
         if server is not None:
             self.api_url_file.unlink(missing_ok=True)
-            server.stop()
-            kill_all(orphans)
+
+            def stop_server(server: ManagedProcess = server) -> None:
+                server.stop()
+                kill_all(orphans)
+
+            self._stop_step("prefect-server", stop_server)
         if self.database is not None:
-            self.database.stop()
+            self._stop_step("postgres", self.database.stop)
             self.database = None
         self.processes.clear()
+
+    def _stop_step(self, what: str, step: Callable[[], None]) -> None:
+        began = time.monotonic()
+        if self.on_stop is not None:
+            self.on_stop(f"stopping {what}...")
+        try:
+            step()
+        except Exception as exc:
+            if self.on_stop is not None:
+                self.on_stop(f"stopping {what} failed ({type(exc).__name__}: {exc}); going on")
+            return
+        if self.on_stop is not None:
+            self.on_stop(f"stopped {what} ({time.monotonic() - began:.1f}s)")
 
     def __enter__(self) -> LocalStack:
         try:

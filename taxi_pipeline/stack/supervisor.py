@@ -20,6 +20,8 @@ SWEEP_EVERY seconds and crashed, which starts their recovery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import sys
 import time
@@ -100,8 +102,12 @@ class Supervisor:
         return dead
 
     def say(self, line: str) -> None:
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", file=self.out or sys.stderr,
-              flush=True)
+        stream = self.out or sys.stderr
+        try:
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", file=stream, flush=True)
+        except (BrokenPipeError, ValueError, OSError):  # the terminal is gone: keep running
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
     def run(self, stopping: list[int], poll: float = 0.5) -> int:
         """Until `stopping` gets a signal (0) or a part crash-loops or a watched one exits (1)."""

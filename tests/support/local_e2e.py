@@ -149,6 +149,27 @@ def launch_up(home: Path, extra_env: dict[str, str] | None = None,
     return up, lines
 
 
+@contextlib.contextmanager
+def running_up(home: Path, extra_env: dict[str, str] | None = None,
+               ) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """`launch_up`, and whatever happens in the test, nothing of it left running after:
+    SIGTERM to `up` (it stops its parts), then SIGKILL of whatever still names `home`."""
+    up, lines = launch_up(home, extra_env)
+    try:
+        yield up, lines
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait(timeout=30)
+        for pid in processes_of(home):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def processes_of(home: Path) -> list[int]:
     """Pids of every process whose environment names this TAXI_HOME (PostgreSQL's too)."""
     marker = f"TAXI_HOME={home}".encode()
