@@ -12,6 +12,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from taxi_pipeline import events
+from taxi_pipeline.monitoring import tracing
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.settings import Settings, get_settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
@@ -114,6 +115,9 @@ def emit(
         related=related or [],
         payload=payload or {},
     )
+    # The event that ends a transform or load also ends its span (off without OTEL_*).
+    tracing.flow_step(name, events.object_resource(obj, settings.stage_prefixes),
+                      [*(related or []), *map(dict, events.lineage_related(obj))], payload or {})
 
 
 def artifact_key(prefix: str, obj: ObjectRef) -> str:

@@ -29,6 +29,7 @@ from prefect.events import Event
 
 from pubsub_bridge.metrics import BridgeMetrics
 from taxi_pipeline.event_delivery import EventDelivery
+from taxi_pipeline.monitoring import tracing
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class Relay:
             item = self.pending.pop(event_id)
             self.metrics.stored.inc()
             self.metrics.emit_latency.observe(now - item.received_at)
+            tracing.bridge_stored(item.event, now - item.received_at)  # off without OTEL_*
             for ack in item.acks:
                 ack()
                 self.metrics.acked.inc()
