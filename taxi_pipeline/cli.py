@@ -616,9 +616,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_parsers(parser: argparse.ArgumentParser,
+                        args: argparse.Namespace) -> list[argparse.ArgumentParser]:
+    """The chain of (sub)parsers `args` went through, innermost last."""
+    chain = [parser]
+    while True:
+        actions = [a for a in chain[-1]._actions  # argparse keeps them only here
+                   if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, actions[0].dest, None) if actions else None
+        if chosen is None or chosen not in actions[0].choices:
+            return chain
+        chain.append(actions[0].choices[chosen])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse like argparse, but a flag the subcommand does not know gets that
+    subcommand's usage and the nearest flag it has, not the top-level usage."""
+    import difflib
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    innermost = _subcommand_parsers(parser, args)[-1]
+    flags = [s for a in innermost._actions for s in a.option_strings]
+    unknown = [e for e in extra if e.startswith("-")] or extra
+    hints = []
+    for flag in unknown:
+        near = difflib.get_close_matches(flag.split("=", 1)[0], flags, n=1, cutoff=0.6)
+        if near:
+            hints.append(f"{flag}: did you mean {near[0]}?")
+    if not hints:  # nothing close: show how it is used (objects and prefixes are arguments)
+        hints.append(innermost.epilog or f"see `{innermost.prog} --help`")
+    innermost.error(f"unrecognized arguments: {' '.join(extra)}\n" + "\n".join(hints))
+    raise AssertionError("unreachable: error() exits")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -66,3 +66,21 @@ def test_up_makes_a_raw_folder_per_known_dataset(tmp_path: Path) -> None:
     assert [p.name for p in made] == ["yellow", "green"]
     assert all(p.is_dir() and p.parent == settings.bucket_dir / "raw" for p in made)
     assert cli.raw_dataset_dirs(settings) == made  # again: nothing to do, no error
+
+
+@pytest.mark.parametrize(("argv", "usage", "hint"), [
+    (["status", "--stalld"], "usage: taxi-pipeline status", "did you mean --stalled?"),
+    (["dead-letters", "list", "--limt", "3"], "usage: taxi-pipeline dead-letters list",
+     "did you mean --limit?"),
+    (["reemit", "--prefix", "raw/"], "usage: taxi-pipeline reemit",
+     "taxi-pipeline reemit raw/green/ --since"),
+])
+def test_a_wrong_flag_gets_its_subcommands_usage_and_the_nearest_flag(
+        argv: list[str], usage: str, hint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage), err
+    assert "usage: taxi-pipeline [-h]" not in err
+    assert hint in err
