@@ -273,14 +273,22 @@ def _valid_settings() -> Settings:
     return settings
 
 
-def _with_api(settings: Settings, coroutine: Coroutine[Any, Any, int]) -> int:
-    """Run against PREFECT_API_URL, or else the server `taxi-pipeline up` started."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def api_url_of(settings: Settings) -> str | None:
+    """PREFECT_API_URL, or else the server `taxi-pipeline up` started (None: neither)."""
+    from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
     marker = settings.home / "api-url"
     if not url and marker.exists():
         url = marker.read_text().strip()
+    return url or None
+
+
+def _with_api(settings: Settings, coroutine: Coroutine[Any, Any, int]) -> int:
+    """Run against PREFECT_API_URL, or else the server `taxi-pipeline up` started."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = api_url_of(settings)
     if not url:
         coroutine.close()
         raise RuntimeError("no Prefect server: start one with `taxi-pipeline up`, or set "
@@ -351,8 +359,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
     minutes = (settings.reconcile_after_minutes if args.older_than_minutes is None
                else args.older_than_minutes)
+    older_than = timedelta(minutes=minutes)
+    if api_url_of(settings) is None:  # no server to ask: the bucket and load log answer
+        return asyncio.run(status(settings, args.object, stalled=args.stalled,
+                                  as_json=args.json, older_than=older_than, offline=True))
     return _with_api(settings, status(settings, args.object, stalled=args.stalled,
-                                      as_json=args.json, older_than=timedelta(minutes=minutes)))
+                                      as_json=args.json, older_than=older_than))
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:

@@ -484,3 +484,25 @@ def test_follow_stops_on_a_signal_even_when_its_work_ignores_one_cancellation(
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) < 5, result.stdout
     assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr
+
+
+def test_status_with_no_server_shows_the_bucket_and_says_events_are_unavailable(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`up` stopped, no PREFECT_API_URL: the board still answers from the bucket."""
+    from taxi_pipeline.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    settings = Settings()
+    assert not (settings.home / "api-url").exists()
+    name = "raw/yellow/2024/yellow_tripdata_2024-03.parquet"
+    (settings.bucket_dir / name).parent.mkdir(parents=True)
+    (settings.bucket_dir / name).write_bytes(b"PAR1" + b"\0" * 16 + b"PAR1")
+    assert main(["status"]) == 0
+    out, err = capsys.readouterr()
+    assert any(line.split() == ["landed", "-", "-", name] for line in out.splitlines())
+    assert "1 object: 1 landed" in out
+    assert err.count("events unavailable: no Prefect server is running") == 1
+    assert main(["status", name, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["object"]["stage"] == "landed"
+    assert "events unavailable" in err

@@ -27,6 +27,7 @@ from urllib.parse import unquote
 from prefect.events import Event
 
 from taxi_pipeline import events
+from taxi_pipeline.datasets.registry import tables
 from taxi_pipeline.objects import ObjectRef, parse_uri
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore
@@ -85,7 +86,22 @@ def split_name(name: str, settings: Settings) -> tuple[str | None, str]:
     for role, prefix in role_prefixes(settings).items():
         if name.startswith(prefix) and len(prefix) > best:
             found, best = (role, name[len(prefix):]), len(prefix)
-    return found
+    found_role, key = found
+    if found_role in _OUTPUT_ROLES and key.endswith(_CSV_OUTPUT_ENDINGS):
+        key = key.removesuffix(".parquet")  # x.csv.gz.parquet is the output of raw x.csv.gz
+    return found_role, key
+
+
+# The transform's outputs always end in .parquet: a CSV source's name gets it appended
+# (taxi_pipeline.objects.output_name), so their family key drops it again.
+_OUTPUT_ROLES = (PROCESSED, REJECTS)
+_CSV_OUTPUT_ENDINGS = (".csv.parquet", ".gz.parquet")
+
+
+def _role_name(role: str, prefix: str, key: str) -> str:
+    if role in _OUTPUT_ROLES and not key.endswith(".parquet"):
+        return prefix + key + ".parquet"
+    return prefix + key
 
 
 def uri_of(store: ObjectStore, name: str) -> str:
@@ -107,7 +123,7 @@ class Family:
         if role is None:
             names = {OTHER: name}
             return cls(None, names, {OTHER: uri_of(store, name)})
-        names = {r: prefix + key for r, prefix in role_prefixes(settings).items()}
+        names = {r: _role_name(r, prefix, key) for r, prefix in role_prefixes(settings).items()}
         return cls(key, names, {r: uri_of(store, n) for r, n in names.items()})
 
     @property
@@ -235,11 +251,12 @@ def _aware(value: Any) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def load_log(warehouse: Warehouse, table: str) -> dict[str, LoadRecord]:
-    """The newest load of each source URI into `table`."""
+def load_log(warehouse: Warehouse, table: str | tuple[str, ...]) -> dict[str, LoadRecord]:
+    """The newest load of each source URI into `table` (or any of several: one per dataset)."""
+    wanted = (table,) if isinstance(table, str) else table
     found: dict[str, LoadRecord] = {}
     for row in warehouse.loads():
-        if row.get("table_name") != table:
+        if row.get("table_name") not in wanted:
             continue
         record = LoadRecord(str(row["source_uri"]), int(str(row["source_generation"])),
                             str(row.get("object_uri") or ""), int(str(row["rows"])),
@@ -458,6 +475,9 @@ class Context:
     now: datetime
     older_than: timedelta
     problems: list[str] = field(default_factory=list)
+    # No Prefect server to ask (none running, none configured): the bucket and the
+    # load log still answer, and the events are simply not read.
+    offline: bool = False
 
     @property
     def since(self) -> datetime:
@@ -479,7 +499,7 @@ class Context:
         return found
 
     def loads(self) -> dict[str, LoadRecord]:
-        return load_log(self.warehouse, self.settings.table)
+        return load_log(self.warehouse, tuple(tables(self.settings.table).values()))
 
 
 async def _read_all(filter_: Any) -> list[Event]:
@@ -505,6 +525,9 @@ async def _guarded(ctx: Context, what: Any) -> list[Event]:
     """Events, or none and a problem noted: the bucket and warehouse still answer."""
     from prefect.settings import PREFECT_API_URL
 
+    if ctx.offline:
+        what.close()
+        return []
     try:
         return list(await what)
     except Exception as exc:  # an unreachable or failing API must not end in a traceback
@@ -549,6 +572,9 @@ async def events_named(ctx: Context, basenames: list[str]) -> list[Event]:
 
 async def queued_uris(ctx: Context) -> set[str]:
     from taxi_pipeline.ops.reconcile import active_objects
+
+    if ctx.offline:
+        return set()
 
     try:
         return await active_objects(["transform", "load"])

@@ -81,7 +81,8 @@ def _event_line(event: Event, family: Family) -> str:
             ).rstrip()
 
 
-def print_story(story: Story, row: Row, settings: Settings, as_json: bool) -> None:
+def print_story(story: Story, row: Row, settings: Settings, as_json: bool,
+                offline: bool = False) -> None:
     family = story.family
     if as_json:
         print(json.dumps({
@@ -105,7 +106,10 @@ def print_story(story: Story, row: Row, settings: Settings, as_json: bool) -> No
         ref = story.refs.get(role)
         where = f"generation {ref.generation}" if ref else "not in the bucket"
         print(f"  {role:<10} {where:<28} {family.uris[role]}")
-    print(f"events about it ({len(story.events)}, oldest first):")
+    if offline:
+        print("events about it: unavailable (no Prefect server to ask)")
+    else:
+        print(f"events about it ({len(story.events)}, oldest first):")
     for event in story.events:
         print(_event_line(event, family))
     load = story.load
@@ -149,11 +153,23 @@ def print_board(rows: list[Row], prefix: str, as_json: bool, stalled: bool,
 # -- the command ----------------------------------------------------------------------
 
 
+OFFLINE_NOTE = ("events unavailable: no Prefect server is running (start it with "
+                "`taxi-pipeline up`, or set PREFECT_API_URL); showing what the bucket and "
+                "the warehouse's load log know")
+
+
 async def status(settings: Settings, target: str | None, *, stalled: bool = False,
-                 as_json: bool = False, older_than: timedelta = timedelta(minutes=3)) -> int:
-    """`taxi-pipeline status [TARGET]`: 0 when it answered, 1 with a message otherwise."""
+                 as_json: bool = False, older_than: timedelta = timedelta(minutes=3),
+                 offline: bool = False) -> int:
+    """`taxi-pipeline status [TARGET]`: 0 when it answered, 1 with a message otherwise.
+
+    `offline`: there is no server to ask; the answer comes from the bucket and the
+    load log alone, after one line (on stderr, so JSON stays parseable) saying so.
+    """
     try:
-        return await _status(settings, target, stalled, as_json, older_than)
+        if offline:
+            print(f"note: {OFFLINE_NOTE}", file=sys.stderr, flush=True)
+        return await _status(settings, target, stalled, as_json, older_than, offline)
     except StatusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -167,10 +183,10 @@ async def status(settings: Settings, target: str | None, *, stalled: bool = Fals
 
 
 async def _status(settings: Settings, target: str | None, stalled: bool, as_json: bool,
-                  older_than: timedelta) -> int:
+                  older_than: timedelta, offline: bool = False) -> int:
     store = store_from_settings(settings)
     ctx = Context(settings, store, warehouse_from_settings(settings), datetime.now(UTC),
-                  older_than)
+                  older_than, offline=offline)
     parsed = parse_target(target, settings, store)
     loads = ctx.loads()
     prefix = parsed.prefix
@@ -201,7 +217,7 @@ async def _status(settings: Settings, target: str | None, stalled: bool, as_json
                 story.family.uris.values()):
             row = classify(story.family, story.refs, story.events, story.load,
                            now=ctx.now, older_than=older_than, queued=True)
-        print_story(story, row, settings, as_json)
+        print_story(story, row, settings, as_json, ctx.offline)
         return _report(ctx)
     if prefix is None:  # --stalled with an object: the board of its folder
         first = parsed.names[0] if parsed.names else (parsed.search or "")
