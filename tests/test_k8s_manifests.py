@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 import pytest
@@ -90,7 +91,8 @@ def workloads(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str
 
 
 def test_there_is_a_gke_overlay() -> None:
-    assert [p.name for p in OVERLAYS] == ["gke"]
+    # gke: what both others build on; dev: in-cluster PostgreSQL; cloudsql: production.
+    assert [p.name for p in OVERLAYS] == ["cloudsql", "dev", "gke"]
 
 
 # --- schemas ---------------------------------------------------------------------------
@@ -250,7 +252,11 @@ def test_no_secret_data_in_the_manifests(any_docs: list[dict[str, Any]]) -> None
         for c in containers(spec):
             for env in c.get("env", []):
                 if "value" in env and SECRET_NAME.search(env["name"]):
-                    assert SECRET_REFERENCE_NAME.search(env["name"]), (
+                    # The cloudsql overlay's database URL names an IAM user, no password.
+                    passwordless_url = (env["name"] == "PREFECT_API_DATABASE_CONNECTION_URL"
+                                        and "://" in env["value"]
+                                        and urlsplit(env["value"]).password is None)
+                    assert SECRET_REFERENCE_NAME.search(env["name"]) or passwordless_url, (
                         f"{doc['metadata']['name']}/{c['name']}: {env['name']} is a literal")
                 ref = env.get("valueFrom", {})
                 assert set(ref) <= {"secretKeyRef", "configMapKeyRef", "fieldRef"}, env
@@ -481,8 +487,11 @@ def test_prefect_server_contract_and_production_settings(
     assert c["envFrom"] == [{"configMapRef": {"name": "prefect-server-config"}}]
     env = {e["name"]: e for e in c["env"]}
     assert all("valueFrom" in e or "value" in e for e in env.values())
-    assert env["PREFECT_API_DATABASE_CONNECTION_URL"]["valueFrom"]["secretKeyRef"][
-        "name"] == "prefect-db"
+    database_url = env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    if any(d["metadata"]["name"] == "prefect-postgres" for d in any_docs):
+        assert database_url["valueFrom"]["secretKeyRef"]["name"] == "prefect-db"
+    else:  # cloudsql: through the Auth Proxy as an IAM user, no password
+        assert urlsplit(database_url["value"]).hostname == "127.0.0.1"
     assert env["PREFECT_SERVER_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"][
         "name"] == "prefect-api-auth"
     config = find(any_docs, "ConfigMap", "prefect-server-config")["data"]
