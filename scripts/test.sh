@@ -27,6 +27,20 @@ fi
 if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
 fi
+# Prometheus and promtool (Debian's prometheus package) for the monitoring tests
+# (alert rules, a real Prometheus scraping the stack). Its postinst would start the
+# service where an init system runs: a policy-rc.d that refuses is put in place first
+# if the machine has none (containers usually do), and removed after.
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  policy_rc=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    policy_rc=1
+  fi
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends prometheus >/dev/null
+  if [ -n "$policy_rc" ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
 .venv/bin/ruff check .
 .venv/bin/mypy
 # Three workers on two cores, one test file each at a time (files share their
