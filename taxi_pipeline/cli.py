@@ -86,9 +86,22 @@ def _executable() -> str:
     return shlex.quote(str(beside)) if beside.exists() else "taxi-pipeline"
 
 
+def download_schedule_line(settings: Settings) -> str:
+    """Whether `up` registered the scheduled TLC download, and how to change that."""
+    if not settings.download_cron:
+        return ("off (TAXI_DOWNLOAD_CRON is empty; `taxi-pipeline backfill` downloads "
+                "months by hand)")
+    return (f"on: {', '.join(settings.download_datasets)} at cron "
+            f"{settings.download_cron!r} (TAXI_DOWNLOAD_CRON; needs internet; "
+            "TAXI_DOWNLOAD_CRON= turns it off)")
+
+
 def _print_stack(stack: LocalStack, settings: Settings) -> None:
     ui = (stack.api_url or "").removesuffix("/api")
-    print(f"Prefect UI and API   {ui}  (API {stack.api_url})")
+    if stack.ui:
+        print(f"Prefect UI and API   {ui}  (API {stack.api_url})")
+    else:  # a headless server: no dashboard to point at
+        print(f"Prefect API          {stack.api_url}  (no UI here; `taxi-pipeline up` has one)")
     dirs = raw_dataset_dirs(settings)
     print(f"Drop raw files into  {settings.bucket_dir}/{settings.raw_prefix}<dataset>/ "
           f"({', '.join(d.name for d in dirs)}; subfolders are fine)")
@@ -101,6 +114,8 @@ def _print_stack(stack: LocalStack, settings: Settings) -> None:
         print(f"Pipeline metrics     http://127.0.0.1:{stack.exporter_port}/metrics  "
               "(Prometheus: docs/monitoring.md)")
     print(f"Logs                 {stack.log_dir}")
+    if stack.ui:  # `up`: the deployments it registered include the scheduled download
+        print(f"Scheduled download   {download_schedule_line(settings)}")
 
 
 Running = list[tuple[str, subprocess.Popen[bytes], Path]]
@@ -262,7 +277,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 print(f"[{attempt}/{args.drops}] {counted}", flush=True)
     print(f"Demo done: {sample.table.num_rows:,} rows in, {rows:,} loaded, {rejected:,} rejected;"
           f" drop to queryable median {statistics.median(latencies):.1f}s over "
-          f"{len(latencies)} drop(s). {query}")
+          f"{len(latencies)} drop(s), from the start of the copy to the rows being "
+          "queryable (the board's TO LOADED counts from the object's landing to the end of "
+          f"its load, so it reads a little less). {query}")
+    if settings.profile == "local":
+        cli = _executable()
+        print("Next: keep it running with `" + cli + " up` (with the UI), drop files into "
+              f"{settings.bucket_dir}/{settings.raw_prefix}<dataset>/, and see every object "
+              f"with `{cli} status`.")
     return 0
 
 
@@ -320,6 +342,7 @@ def cmd_reemit(args: argparse.Namespace) -> int:
 
 async def _reconcile(settings: Settings, older_than: timedelta, dry_run: bool) -> int:
     from taxi_pipeline.ops.reconcile import reconcile
+    from taxi_pipeline.ops.status_model import duration_text
 
     report = await reconcile(settings, older_than, dry_run)
     for item in report.stalled:
@@ -328,7 +351,8 @@ async def _reconcile(settings: Settings, older_than: timedelta, dry_run: bool) -
         print(f"stalled {item.obj.uri} generation {item.obj.generation}: {state}")
     if not report.to_emit:
         print("nothing to re-emit: every raw object older than "
-              f"{older_than} is loaded, quarantined or on its way")
+              f"{duration_text(older_than.total_seconds())} is loaded, quarantined or on "
+              "its way")
         return 0
     if dry_run:
         print(f"would re-emit {len(report.to_emit)} (dry run)")

@@ -84,3 +84,24 @@ def test_a_wrong_flag_gets_its_subcommands_usage_and_the_nearest_flag(
     assert err.startswith(usage), err
     assert "usage: taxi-pipeline [-h]" not in err
     assert hint in err
+
+
+def test_what_the_stack_prints_exists_for_this_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo's headless server advertises no UI; `up` says whether the TLC download
+    is scheduled (and how to turn it off)."""
+    from taxi_pipeline.settings import Settings
+    from taxi_pipeline.stack.local import LocalStack
+
+    settings = Settings(home=tmp_path / "home")
+    cli._print_stack(LocalStack(settings, ui=False, api_url="http://127.0.0.1:5/api"), settings)
+    out = capsys.readouterr().out
+    assert "UI" not in out.splitlines()[0] or "no UI" in out.splitlines()[0]
+    assert "Prefect API          http://127.0.0.1:5/api" in out
+    assert "Scheduled download" not in out
+    cli._print_stack(LocalStack(settings, ui=True, api_url="http://127.0.0.1:5/api"), settings)
+    out = capsys.readouterr().out
+    assert "Prefect UI and API   http://127.0.0.1:5" in out
+    assert "Scheduled download   on: yellow, green at cron '0 6 * * *'" in out
+    quiet = Settings(home=tmp_path / "home", download_cron="")
+    assert cli.download_schedule_line(quiet).startswith("off")
