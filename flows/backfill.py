@@ -20,6 +20,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from flows.common import timed_run_name
 from flows.download import emit_outcome
 from taxi_pipeline.ops.backfill import progress_line, run_backfill
 from taxi_pipeline.settings import get_settings
@@ -33,7 +34,7 @@ from taxi_pipeline.sources.tlc_download import (
 from taxi_pipeline.storage import store_from_settings
 
 
-@flow(name="backfill")
+@flow(name="backfill", flow_run_name=timed_run_name)
 def backfill(from_month: str, to_month: str | None = None,
              datasets: list[str] | None = None,
              concurrency: int | None = None) -> dict[str, Any]:

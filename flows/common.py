@@ -75,9 +75,23 @@ def retry_unless(*permanent: type[BaseException]) -> Any:
 
 
 def object_run_name() -> str:
-    """Flow runs named after their object (`transform yellow_tripdata_2024-01.parquet`)."""
+    """Flow runs named after their object (`transform-yellow_tripdata_2024-01.parquet`)."""
     uri = str(flow_run.parameters.get("object_uri", ""))
-    return f"{flow_run.flow_name} {uri.rsplit('/', 1)[-1] or '?'}"
+    return f"{flow_run.flow_name}-{uri.rsplit('/', 1)[-1] or '?'}"
+
+
+def timed_run_name() -> str:
+    """Runs that act on many objects, named after what and when (`reconcile-2024-05-01T06:00`)."""
+    from datetime import UTC, datetime
+
+    return f"{flow_run.flow_name}-{datetime.now(UTC):%Y-%m-%dT%H:%M:%S}"
+
+
+def recover_run_name() -> str:
+    """`recover-crashed-<run>`: what went wrong, and the run or automation it happened to."""
+    what = str(flow_run.parameters.get("event_name", "")).rsplit(".", 1)[-1].lower() or "event"
+    subject = str(flow_run.parameters.get("subject", "")).rsplit(".", 1)[-1][:8] or "?"
+    return f"recover-{what}-{subject}"
 
 
 def begin(step: str, uri: str, generation: int | None, event_id: str | None,

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import emit
+from flows.common import emit, timed_run_name
 from taxi_pipeline import events
 from taxi_pipeline.settings import Settings, get_settings
 from taxi_pipeline.sources.tlc_download import (
@@ -79,7 +79,7 @@ def download_month(store: ObjectStore, settings: Settings, dataset: str, month: 
     return RETURNS[result.outcome]
 
 
-@flow(name="download")
+@flow(name="download", flow_run_name=timed_run_name)
 def download(months: list[str] | None = None,
              datasets: list[str] | None = None) -> dict[str, Any]:
     """Fetch each dataset's month (default: the newest TLC should have published)."""

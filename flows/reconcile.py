@@ -13,11 +13,12 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
 
+from flows.common import timed_run_name
 from taxi_pipeline.ops.reconcile import reconcile as reconcile_pass
 from taxi_pipeline.settings import get_settings
 
 
-@flow(name="reconcile")
+@flow(name="reconcile", flow_run_name=timed_run_name)
 async def reconcile(older_than_minutes: float | None = None,
                     dry_run: bool = False) -> dict[str, Any]:
     """Re-emit raw objects whose current generation never reached the warehouse."""

@@ -26,6 +26,7 @@ from prefect.client.orchestration import get_client
 from prefect.events import Event, Resource
 from prefect.states import Failed
 
+from flows.common import recover_run_name
 from taxi_pipeline import events
 from taxi_pipeline.event_delivery import EventDelivery
 from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
@@ -92,7 +93,7 @@ def _attempts(history: list[Event], generation: int) -> int:
                and e.resource.get(events.LABEL_GENERATION) == str(generation))
 
 
-@flow(name="recover")
+@flow(name="recover", flow_run_name=recover_run_name)
 async def recover(event_id: str, event_name: str = "", subject: str = "") -> Any:
     """Re-emit the object behind a failed run or action, within the attempt budget."""
     logger = get_run_logger()
