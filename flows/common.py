@@ -12,6 +12,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from taxi_pipeline import events
+from taxi_pipeline.lineage import NotAProcessedObject, source_of
 from taxi_pipeline.monitoring import tracing
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.settings import Settings, get_settings
@@ -110,8 +111,21 @@ def begin(step: str, uri: str, generation: int | None, event_id: str | None,
         return RunContext(settings, store, None, {"status": "skipped", "reason": why_not})
     logger.info("%s uri=%s generation=%s event=%s", step, obj.uri, obj.generation, event_id)
     if started_event:
-        emit(started_event, obj, settings, payload={"event_id": event_id})
+        emit(started_event, obj, settings, related=source_related(store, obj),
+             payload={"event_id": event_id})
     return RunContext(settings, store, obj, {})
+
+
+def source_related(store: ObjectStore, obj: ObjectRef) -> list[dict[str, str]]:
+    """A processed object's raw source as a related resource (role `source`), so the
+    event shows under the raw object in the UI's resource filter; [] for a raw object."""
+    if not obj.name.startswith(get_settings().processed_prefix):
+        return []  # no footer read for what cannot have a source
+    try:
+        source_uri, source_generation = source_of(store, obj)
+    except (NotAProcessedObject, ObjectNotFound):
+        return []
+    return [events.source_resource(source_uri, source_generation)]
 
 
 def emit(

@@ -10,6 +10,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,47 @@ def test_files_travel_the_whole_chain(stack: LocalStack, tmp_path: Path,
     assert flow_run_count(settings.transform_deployment) == runs_before + 2
     assert table_rows(settings) == total + sentinel.expected_good
     assert stack.process("bridge").alive()
+
+
+def test_the_event_feed_link_shows_every_event_of_the_objects_story(
+        stack: LocalStack, tmp_path: Path) -> None:
+    """The UI's resource filter (resource or related, by prefix, the API call the event
+    feed makes) on the raw object's URI returns every event `status <object>` prints,
+    the processed object's load events included (they name the raw object as source)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import (
+        EventAnyResourceFilter,
+        EventFilter,
+        EventNameFilter,
+        EventOccurredFilter,
+    )
+
+    from taxi_pipeline.ops.status_model import Context, story_of
+    from taxi_pipeline.warehouse import warehouse_from_settings
+
+    settings = stack.settings
+    sample = generate_month("green", 2024, 5, 3_000, seed=5)
+    name = raw_object_name(settings.raw_prefix, "green", 2024, 5)
+    uri = drop(write_month(sample, tmp_path / "may.parquet"), settings, name).as_uri()
+    store = LocalStore(settings.bucket_dir)
+    wait_loaded(settings, uri, store.ref(name).generation)
+    processed = sibling_name(name, settings.raw_prefix, settings.processed_prefix)
+    wait_events([events.LOAD_COMPLETED], store.ref(processed).uri)
+
+    async def both() -> tuple[set[str], set[str]]:
+        ctx = Context(settings, store, warehouse_from_settings(settings),
+                      datetime.now(UTC), timedelta(minutes=3))
+        story = await story_of(ctx, name, ctx.loads())
+        async with get_client() as client:
+            page = await client.read_events(filter=EventFilter(
+                any_resource=EventAnyResourceFilter(id_prefix=[uri]),
+                event=EventNameFilter(prefix=["pipeline.", "storage.object."]),
+                occurred=EventOccurredFilter(since=ctx.since)), limit=200)
+        return {str(e.id) for e in story.events}, {str(e.id) for e in page.events}
+
+    told, linked = asyncio.run(both())
+    assert len(told) >= 6  # finalized x2, transform started/completed, load started/completed
+    assert told <= linked, f"the link misses {len(told - linked)} of {len(told)} events"
 
 
 def test_a_file_that_is_not_parquet_is_quarantined(stack: LocalStack, tmp_path: Path) -> None:
