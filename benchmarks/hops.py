@@ -50,7 +50,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from taxi_pipeline import events
 from taxi_pipeline.cli import wait_for_load
-from taxi_pipeline.objects import ObjectRef, raw_object_name, sibling_name
+from taxi_pipeline.objects import ObjectRef, output_name, raw_object_name
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.sources.sample_data import generate_month, write_month
 from taxi_pipeline.stack.local import LocalStack
@@ -118,7 +118,7 @@ def _processed_generation(found: list[Any], source_generation: int) -> tuple[int
 
 async def hop_times(drop: Drop, settings: Settings) -> list[float]:
     raw_uri = drop.raw.uri
-    processed_name = sibling_name(drop.raw.name, settings.raw_prefix, settings.processed_prefix)
+    processed_name = output_name(drop.raw.name, settings.raw_prefix, settings.processed_prefix)
     processed_uri = ObjectRef(bucket=drop.raw.bucket, scheme="file", generation=0,
                               name=processed_name).uri
     raw_stored = _stored(await _events(events.OBJECT_FINALIZED, raw_uri), drop.raw.generation)

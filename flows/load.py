@@ -1,7 +1,8 @@
 """Load flow: one processed object -> the warehouse table, idempotent per generation.
 
 The warehouse reads the object itself (DuckDB's read_parquet, a BigQuery load
-job from the gs:// URI); only the file footer is read here, for lineage.
+job from the gs:// URI); only the file footer is read here, for lineage and for
+the dataset its columns are (which picks the table: `trips`, `fhv_trips`, ...).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from flows.common import (
     transient,
 )
 from taxi_pipeline import events
-from taxi_pipeline.datasets.schema import CANONICAL_SCHEMA
+from taxi_pipeline.datasets.registry import table_for
 from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.settings import get_settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore
+from taxi_pipeline.transform.outputs import processed_spec
 from taxi_pipeline.warehouse import LoadResult, warehouse_from_settings
 
 
@@ -34,16 +36,18 @@ from taxi_pipeline.warehouse import LoadResult, warehouse_from_settings
 def load_object(store: ObjectStore, obj: ObjectRef) -> tuple[LoadResult, str]:
     settings = get_settings()
     source_uri, source_generation = read_lineage(store, obj)
+    spec = processed_spec(store, obj)
+    table = table_for(spec.name, settings.table)
     warehouse = warehouse_from_settings(settings)
     result = warehouse.load_object(
         object_uri=obj.uri,
         object_generation=obj.generation,
-        table=settings.table,
-        schema=CANONICAL_SCHEMA,
+        table=table,
+        schema=spec.schema,
         source_uri=source_uri,
         source_generation=source_generation,
     )
-    return result, warehouse.table_uri(settings.table)
+    return result, warehouse.table_uri(table)
 
 
 @flow(name="load", flow_run_name=object_run_name)

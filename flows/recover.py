@@ -28,6 +28,7 @@ from prefect.states import Failed
 
 from flows.common import recover_run_name
 from taxi_pipeline import events
+from taxi_pipeline.datasets.registry import table_for_name
 from taxi_pipeline.event_delivery import EventDelivery
 from taxi_pipeline.lineage import NotAProcessedObject, read_lineage
 from taxi_pipeline.objects import ObjectRef, stage_of
@@ -82,7 +83,7 @@ def already_done(store: ObjectStore, obj: ObjectRef, settings: Settings) -> str 
             return None
     else:
         source_uri, source_generation = obj.uri, obj.generation
-    loaded = warehouse.loaded(settings.table, source_uri)
+    loaded = warehouse.loaded(table_for_name(obj.name, settings.table), source_uri)
     if loaded is not None and loaded[0] >= source_generation:
         return f"{source_uri} generation {loaded[0]} is loaded"
     return None

@@ -1,5 +1,8 @@
 """Transform flow: one raw object -> processed/ (good rows) and rejects/ (bad rows).
 
+Any dataset (the spec comes from the name, else the columns) in any format
+(`.parquet`, `.csv`, `.csv.gz`); the outputs are always canonical parquet.
+
 A file that cannot be transformed at all is moved to quarantine/ with a
 `pipeline.object.quarantined` event saying why; the run still completes, so a
 bad file never turns into a retry loop.
@@ -33,8 +36,17 @@ from flows.common import (
 )
 from taxi_pipeline import events
 from taxi_pipeline.content_twins import content_hash, earlier_twin
+from taxi_pipeline.datasets.registry import table_for_name
+from taxi_pipeline.datasets.zones import zone_ids
 from taxi_pipeline.lineage import lineage_extra
-from taxi_pipeline.objects import ObjectRef, dataset_of, folder_year_of, month_of, sibling_name
+from taxi_pipeline.objects import (
+    ObjectRef,
+    dataset_of,
+    folder_year_of,
+    month_of,
+    output_name,
+    sibling_name,
+)
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore
 from taxi_pipeline.transform.outputs import (
@@ -45,7 +57,12 @@ from taxi_pipeline.transform.outputs import (
     output_state,
 )
 from taxi_pipeline.transform.report import summary_rows, what_was_used
-from taxi_pipeline.transform.streaming import BadInputFile, TransformStats, transform_parquet
+from taxi_pipeline.transform.streaming import (
+    BadInputFile,
+    TransformStats,
+    source_format,
+    transform_file,
+)
 from taxi_pipeline.warehouse import warehouse_from_settings
 
 
@@ -89,8 +106,8 @@ def transform_object(
     of one source converge on the newest: a lost race (PreconditionFailed) is
     retried and then finds the newer outputs (OutputSuperseded).
     """
-    processed_name = sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix)
-    rejects_name = sibling_name(obj.name, settings.raw_prefix, settings.rejects_prefix)
+    processed_name = output_name(obj.name, settings.raw_prefix, settings.processed_prefix)
+    rejects_name = output_name(obj.name, settings.raw_prefix, settings.rejects_prefix)
     processed_seen = output_state(store, processed_name, obj)
     rejects_seen = output_state(store, rejects_name, obj)
     # Exit order publishes rejects before processed: the processed object's
@@ -102,16 +119,20 @@ def transform_object(
         store.publish(rejects_name, if_generation_match=rejects_seen, keep_unchanged=True,
                       metadata=lineage_extra(obj)) as rejects_path,
     ):
-        stats = transform_parquet(
+        head = source.read(4)
+        source.seek(0)
+        stats = transform_file(
             source,
             processed_path,
             rejects_path,
+            file_format=source_format(obj.name, head),
             source_uri=obj.uri,
             source_generation=obj.generation,
             taxi_type=dataset_of(obj.name),
             month=month_of(obj.name),
             batch_rows=settings.batch_rows,
             ingested_at=landed_at(obj),
+            zones=zone_ids(settings.zones_file),
         )
     processed = store.ref(processed_name)
     # The local store has no custom metadata: the lineage is in the footer we just wrote.
@@ -165,7 +186,8 @@ def kept_in_warehouse(obj: ObjectRef, settings: Settings) -> dict[str, int] | No
     (deleting them would turn a bad upload into data loss); the event says so.
     """
     try:
-        loaded = warehouse_from_settings(settings).loaded(settings.table, obj.uri)
+        table = table_for_name(obj.name, settings.table)
+        loaded = warehouse_from_settings(settings).loaded(table, obj.uri)
     except Exception as exc:  # the quarantine must not fail because the warehouse is away
         get_run_logger().warning("cannot read the load log for uri=%s: %s", obj.uri, exc)
         return None
@@ -191,7 +213,7 @@ def transform(object_uri: str, generation: int | None = None,
         # Read before the task (and its retries): an attempt that wrote and then
         # failed counts as written, as it did make a new generation.
         before = current_generation(
-            store, sibling_name(obj.name, settings.raw_prefix, settings.processed_prefix))
+            store, output_name(obj.name, settings.raw_prefix, settings.processed_prefix))
         stats, processed, rejects = transient(transform_object, settings)(store, obj, settings)
     except BadInputFile as error:
         kept = kept_in_warehouse(obj, settings)

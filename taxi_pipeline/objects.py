@@ -8,7 +8,8 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-# TLC names files `<dataset>_tripdata_<YYYY>-<MM>.parquet` (dataset: yellow, green, fhv, fhvhv).
+# TLC names files `<dataset>_tripdata_<YYYY>-<MM>.parquet` (dataset: yellow, green, fhv, fhvhv);
+# the CSV mirror `.csv.gz`, and users bring `.csv`.
 _TLC_NAME = re.compile(r"(?P<dataset>[a-z]+)_tripdata_(?P<year>\d{4})-(?P<month>\d{2})")
 
 
@@ -110,10 +111,21 @@ def sibling_name(name: str, from_prefix: str, to_prefix: str) -> str:
     return to_prefix + rest
 
 
-def tlc_file_name(dataset: str, year: int, month: int) -> str:
-    return f"{dataset}_tripdata_{year:04d}-{month:02d}.parquet"
+def output_name(name: str, from_prefix: str, to_prefix: str) -> str:
+    """The name of a transform output (processed/, rejects/): the sibling name, ending
+    in `.parquet` (the outputs always are parquet). A CSV keeps its ending before it,
+    `raw/green/2020/green_tripdata_2020-10.csv.gz` ->
+    `processed/green/2020/green_tripdata_2020-10.csv.gz.parquet`, so a month dropped
+    in two formats still has two outputs, one per source, as every source has."""
+    sibling = sibling_name(name, from_prefix, to_prefix)
+    return sibling if sibling.endswith(".parquet") else sibling + ".parquet"
 
 
-def raw_object_name(raw_prefix: str, dataset: str, year: int, month: int) -> str:
+def tlc_file_name(dataset: str, year: int, month: int, ext: str = "parquet") -> str:
+    return f"{dataset}_tripdata_{year:04d}-{month:02d}.{ext}"
+
+
+def raw_object_name(raw_prefix: str, dataset: str, year: int, month: int,
+                    ext: str = "parquet") -> str:
     """Where the download flow (and the demo) put a month: raw/<dataset>/<year>/<file>."""
-    return f"{raw_prefix}{dataset}/{year:04d}/{tlc_file_name(dataset, year, month)}"
+    return f"{raw_prefix}{dataset}/{year:04d}/{tlc_file_name(dataset, year, month, ext)}"

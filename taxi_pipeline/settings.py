@@ -283,6 +283,11 @@ class Settings(BaseSettings):
         "32768 keeps the transform of a 3M-row month at ~0.3x the pandas path's peak with "
         "16 MiB row groups, see docs/benchmarks.md)."
     )
+    zones_file: Path | None = Field(
+        default=None, description="TLC's taxi_zone_lookup.csv (LocationID,Borough,Zone,"
+        "service_zone) for the `zones` table and the transform's unknown_location rule; "
+        "default: the copy that ships with the package (265 zones).",
+    )
 
     @model_validator(mode="after")
     def _fill_profile_defaults(self) -> Settings:

@@ -33,7 +33,7 @@ from taxi_pipeline.settings import Settings, get_settings
 from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
 from taxi_pipeline.storage import ObjectNotFound, PreconditionFailed
 from taxi_pipeline.storage.local import LocalStore
-from taxi_pipeline.transform.streaming import transform_parquet
+from taxi_pipeline.transform.streaming import transform_file, transform_parquet
 from taxi_pipeline.warehouse.duckdb_warehouse import DuckDBWarehouse
 
 Emitted = list[tuple[str, dict[str, Any]]]
@@ -82,7 +82,7 @@ def test_a_stale_run_loses_the_race_for_the_outputs_and_then_skips(
     name = raw_object_name(settings.raw_prefix, "yellow", 2024, 1)
     old = _drop(store, name, rows=800, seed=1)
     newer: list[ObjectRef] = []
-    real = transform_parquet
+    real = transform_file
 
     def newer_run_finishes_first(*args: Any, **kwargs: Any) -> Any:
         stats = real(*args, **kwargs)  # N's outputs are written, not yet published
@@ -92,7 +92,7 @@ def test_a_stale_run_loses_the_race_for_the_outputs_and_then_skips(
             transform_object.fn(store, newer[0], settings)
         return stats
 
-    monkeypatch.setattr(transform_flow, "transform_parquet", newer_run_finishes_first)
+    monkeypatch.setattr(transform_flow, "transform_file", newer_run_finishes_first)
     with pytest.raises(PreconditionFailed):
         transform_object.fn(store, old, settings)
     processed = store.ref(_processed(settings, old))
@@ -130,7 +130,7 @@ def test_a_source_replaced_mid_read_is_a_skip_not_a_failure(
     def replaced(*args: Any, **kwargs: Any) -> Any:
         raise ObjectNotFound(f"{obj.uri} generation {obj.generation} no longer exists")
 
-    monkeypatch.setattr(transform_flow, "transform_parquet", replaced)
+    monkeypatch.setattr(transform_flow, "transform_file", replaced)
     result = transform_flow.transform.fn(obj.uri, obj.generation)
     assert result["status"] == "skipped"
     assert "no longer exists" in result["reason"]

@@ -1,4 +1,8 @@
-"""The TLC trip-record schemas we accept and the one canonical schema we write.
+"""The yellow and green (`trips`) schemas we accept and the canonical one we write.
+
+The `trips` contract (one table for yellow and green) is defined here and used
+by the `yellow` and `green` specs (taxi_pipeline.datasets.yellow/green); the
+other datasets have their own modules. See taxi_pipeline.datasets.registry.
 
 TLC files changed over the years: `Airport_fee` vs `airport_fee`, integer vs
 double `passenger_count`/`RatecodeID`, `cbd_congestion_fee` from 2025, `tpep_`
@@ -51,8 +55,9 @@ REJECTS_SCHEMA = CANONICAL_SCHEMA.append(
 ).append(pa.field("reject_detail", pa.string()))
 
 LINEAGE_COLUMNS = ("taxi_type", "source_uri", "source_generation", "ingested_at")
+TRIP_DATA_FIELDS = tuple(f for f in CANONICAL_SCHEMA if f.name not in LINEAGE_COLUMNS)
 
-# The datasets this schema describes (fhv/fhvhv have no fares: schema_mismatch).
+# The datasets this schema describes (fhv and fhvhv have specs of their own).
 DATASETS = ("yellow", "green")
 
 # TLC times are New York wall-clock times; a file whose times carry a zone is
@@ -103,35 +108,16 @@ REQUIRED_COLUMNS = (
 )
 
 
-# Columns only one dataset has: the timestamp prefix first, then (for
-# snake_case copies without it) the columns peculiar to each dataset.
-_DATASET_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("yellow", ("tpep_pickup_datetime", "tpep_dropoff_datetime")),
-    ("green", ("lpep_pickup_datetime", "lpep_dropoff_datetime")),
-)
-_DATASET_HINTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("yellow", ("airport_fee",)),
-    ("green", ("trip_type", "ehail_fee")),
-)
-
-
 def dataset_from_schema(source: pa.Schema) -> str | None:
-    """`yellow`/`green` from the columns (tpep_* / lpep_*, else airport_fee / trip_type).
+    """The dataset a file's columns say, or None (see registry.dataset_from_columns)."""
+    from taxi_pipeline.datasets.registry import dataset_from_columns
 
-    None when the columns do not say, or say both: the caller decides.
-    """
-    names = {name.lower() for name in source.names}
-    for markers in (_DATASET_MARKERS, _DATASET_HINTS):
-        found = {dataset for dataset, columns in markers if names & set(columns)}
-        if len(found) == 1:
-            return found.pop()
-        if found:
-            return None
-    return None
+    return dataset_from_columns(source)
 
 
-class SchemaMismatch(ValueError):
-    """The file lacks required trip columns; it is quarantined, not half-loaded."""
+from taxi_pipeline.datasets.base import SchemaMismatch  # noqa: E402  (re-exported)
+
+__all__ = ["CANONICAL_SCHEMA", "REJECTS_SCHEMA", "SchemaMismatch", "resolve_columns"]
 
 
 def resolve_columns(source: pa.Schema) -> dict[str, str]:

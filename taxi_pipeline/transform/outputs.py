@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from taxi_pipeline.datasets.base import DatasetSpec
+from taxi_pipeline.datasets.registry import DATASETS, spec_of_schema
 from taxi_pipeline.lineage import NotAProcessedObject, source_of
 from taxi_pipeline.objects import ObjectRef
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore
@@ -59,3 +64,22 @@ def current_generation(store: ObjectStore, name: str) -> int | None:
 def output_of(before: int | None, processed: ObjectRef) -> str:
     """`unchanged` when the processed object kept its generation, else `written`."""
     return "unchanged" if before is not None and processed.generation == before else "written"
+
+
+def processed_spec(store: ObjectStore, obj: ObjectRef) -> DatasetSpec:
+    """The dataset a processed object's rows are, from its footer's columns (not its
+    name: a file named by no dataset got its dataset from its columns)."""
+    with store.open_read(obj) as handle:
+        try:
+            schema = pq.read_schema(handle)
+        except pa.ArrowInvalid as exc:
+            raise NotAProcessedObject(f"{obj.uri} is not a readable parquet file ({exc}); "
+                                      "only files written by the transform can be loaded"
+                                      ) from exc
+    spec = spec_of_schema(schema)
+    if spec is None:
+        raise NotAProcessedObject(
+            f"{obj.uri} has the columns {', '.join(schema.names)}, which are no dataset's "
+            f"canonical columns ({'/'.join(DATASETS)}): only files written by the transform "
+            "can be loaded")
+    return spec

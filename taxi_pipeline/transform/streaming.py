@@ -1,13 +1,23 @@
-"""Stream a raw TLC parquet file into the canonical schema, row group by row group.
+"""Stream a raw TLC file (parquet, CSV or gzipped CSV) into its dataset's canonical
+schema, batch by batch.
 
 No Prefect here: the flow wraps this, the benchmark and the unit tests call it
 directly. Memory is bounded by one batch (`batch_rows`) plus the rows buffered
 for one output row group (see `ROW_GROUP_BYTES`), whatever the file size.
+
+The dataset (name, else columns) picks the spec (taxi_pipeline.datasets.registry):
+its canonical columns, aliases, required columns and rules. CSV is read with
+pyarrow's streaming reader, every used column as text, and converted by the
+spec's types exactly as parquet text cells are: a cell that does not parse
+rejects its row (`unparseable_value`, with the column and the text), never a
+type guessed from the first rows.
 """
 
 from __future__ import annotations
 
+import csv
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -15,20 +25,26 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from taxi_pipeline.datasets.quality import month_bounds, reject_reasons
+from taxi_pipeline.datasets import quality
+from taxi_pipeline.datasets.base import DatasetSpec, SchemaMismatch
+from taxi_pipeline.datasets.quality import month_bounds
+from taxi_pipeline.datasets.registry import (
+    DATASETS,
+    SPECS,
+    dataset_from_columns,
+    layout_conflict,
+    spec_for,
+)
 from taxi_pipeline.datasets.schema import (
     CANONICAL_SCHEMA,
-    DATASETS,
     LINEAGE_COLUMNS,
-    NULL_CODES,
-    REJECTS_SCHEMA,
     TLC_TIME_ZONE,
-    SchemaMismatch,
-    dataset_from_schema,
-    resolve_columns,
 )
+from taxi_pipeline.datasets.yellow import YELLOW
+from taxi_pipeline.datasets.zones import zone_ids
 from taxi_pipeline.lineage import lineage_metadata
 
 _INT32_LIMIT = 2**31 - 1
@@ -58,13 +74,23 @@ ROW_GROUP_BYTES = 128 * 2**20
 # per-file constant strings and the Y/N flag help no query; skipping both
 # writes a group in 0.13 s instead of 0.175 s, and 4 % smaller. Every other
 # column keeps both.
-_PLAIN = ("pickup_datetime", "dropoff_datetime")
-_NO_STATISTICS = ("taxi_type", "store_and_fwd_flag", "source_uri")
-_WRITE_OPTIONS: dict[str, Any] = {
-    "compression": "snappy",
-    "use_dictionary": [name for name in REJECTS_SCHEMA.names if name not in _PLAIN],
-    "write_statistics": [name for name in REJECTS_SCHEMA.names if name not in _NO_STATISTICS],
-}
+# The same choice for every dataset: plain pages for its (naive) timestamps, no
+# statistics for the per-file constants and the Y/N flags.
+_NO_STATISTICS = ("taxi_type", "source_uri")
+
+
+def _write_options(spec: DatasetSpec) -> dict[str, Any]:
+    plain = {f.name for f in spec.data_fields
+             if pa.types.is_timestamp(f.type) and f.type.tz is None}
+    no_stats = {*_NO_STATISTICS, *(f.name for f in spec.data_fields
+                                   if pa.types.is_string(f.type) and f.name.endswith("flag"))}
+    names = spec.rejects_schema.names
+    return {"compression": "snappy",
+            "use_dictionary": [name for name in names if name not in plain],
+            "write_statistics": [name for name in names if name not in no_stats]}
+
+
+_WRITE_OPTIONS = _write_options(YELLOW)
 
 # Parsing text cells. What pyarrow's string->double cast accepts, as a regex,
 # so a batch with one bad cell parses its good cells exactly as a clean batch.
@@ -165,9 +191,8 @@ class Normalised:
     bad_cells: dict[str, tuple[pa.Array, pa.Array]]
 
 
+# The trips data columns (yellow and green); each spec has its own `data_schema`.
 DATA_SCHEMA = pa.schema([f for f in CANONICAL_SCHEMA if f.name not in LINEAGE_COLUMNS])
-_REJECT_COLUMNS = DATA_SCHEMA.append(REJECTS_SCHEMA.field("reject_reason")).append(
-    REJECTS_SCHEMA.field("reject_detail"))
 
 
 # -- converting cells --------------------------------------------------------------------
@@ -351,8 +376,10 @@ def normalise(
     batch: pa.RecordBatch,
     mapping: dict[str, str],
     codes_nulled: Counter[str] | None = None,
+    spec: DatasetSpec = YELLOW,
 ) -> Normalised:
-    """One source batch in the canonical data columns; absent optional columns are null.
+    """One source batch in the spec's canonical data columns; absent optional columns
+    are null.
 
     Lineage columns are added when writing (they are the same on every row).
     TLC's "unknown" codes become null and are counted in `codes_nulled`.
@@ -360,7 +387,7 @@ def normalise(
     n = batch.num_rows
     arrays: list[pa.Array] = []
     bad_cells: dict[str, tuple[pa.Array, pa.Array]] = {}
-    for field_ in DATA_SCHEMA:
+    for field_ in spec.data_schema:
         if field_.name not in mapping:
             arrays.append(pa.nulls(n, field_.type))
             continue
@@ -368,12 +395,12 @@ def normalise(
         values, failed = _convert(raw, field_.type)
         if failed is not None:
             bad_cells[field_.name] = (failed, raw)
-        if field_.name in NULL_CODES:
-            values, count = _null_codes(values, NULL_CODES[field_.name])
+        if field_.name in spec.null_codes:
+            values, count = _null_codes(values, spec.null_codes[field_.name])
             if count and codes_nulled is not None:
                 codes_nulled[field_.name] += count
         arrays.append(values)
-    return Normalised(pa.RecordBatch.from_arrays(arrays, schema=DATA_SCHEMA), bad_cells)
+    return Normalised(pa.RecordBatch.from_arrays(arrays, schema=spec.data_schema), bad_cells)
 
 
 def _detail(bad_cells: dict[str, tuple[pa.Array, pa.Array]]) -> pa.Array:
@@ -391,17 +418,20 @@ def _detail(bad_cells: dict[str, tuple[pa.Array, pa.Array]]) -> pa.Array:
     return joined
 
 
-def _split(normalised: Normalised, month: tuple[int, int] | None
+def _split(normalised: Normalised, month: tuple[int, int] | None,
+           spec: DatasetSpec = YELLOW, zones: pa.Array | None = None,
            ) -> tuple[pa.RecordBatch, pa.RecordBatch | None, pa.Array | None]:
     """(good rows, rejected rows with reason and detail or None, the reasons or None)."""
     batch, bad_cells = normalised.batch, normalised.bad_cells
-    unparseable = None
+    checks: list[tuple[str, pa.Array]] = []
     if bad_cells:
         masks = [failed for failed, _ in bad_cells.values()]
         unparseable = masks[0]
         for mask in masks[1:]:
             unparseable = pc.or_(unparseable, mask)
-    reasons = reject_reasons(batch, month, unparseable)
+        checks.append((quality.UNPARSEABLE_VALUE, quality.true_only(unparseable)))
+    checks += spec.checks(batch, month, zones if zones is not None else zone_ids())
+    reasons = quality.first_broken(checks, batch.num_rows)
     is_good = pc.is_null(reasons)
     good = batch.filter(is_good)
     if good.num_rows == batch.num_rows:
@@ -411,7 +441,7 @@ def _split(normalised: Normalised, month: tuple[int, int] | None
     detail = (_detail(bad_cells).filter(is_bad) if bad_cells
               else pa.nulls(len(bad_reasons), pa.string()))
     bad = pa.RecordBatch.from_arrays(
-        [*batch.filter(is_bad).columns, bad_reasons, detail], schema=_REJECT_COLUMNS)
+        [*batch.filter(is_bad).columns, bad_reasons, detail], schema=spec.reject_data_schema)
     return good, bad, bad_reasons
 
 
@@ -492,15 +522,60 @@ def _open_parquet(source: BinaryIO | Path | str | pq.ParquetFile) -> pq.ParquetF
         raise BadInputFile("not_parquet", f"not a readable parquet file ({exc})") from exc
 
 
-def _resolve(parquet: pq.ParquetFile) -> dict[str, str]:
+def _unknown_dataset(taxi_type: str | None, names: list[str]) -> BadInputFile:
+    """Neither the name nor the columns say the dataset. Columns that fit no dataset at
+    all are the clearer story (schema_mismatch, with what the trips would need)."""
+    fits = []
+    for spec in SPECS.values():
+        try:
+            spec.resolve_columns(names)
+        except SchemaMismatch as exc:
+            if spec is YELLOW:
+                mismatch = exc
+            continue
+        fits.append(spec.name)
+    if not fits:
+        return BadInputFile("schema_mismatch", str(mismatch))
+    return BadInputFile(
+        "unknown_dataset",
+        f"the name says {taxi_type!r} and the columns say none of the datasets (yellow: "
+        "tpep_* times, green: lpep_* times, fhv: Affiliated_base_number, fhvhv: "
+        "hvfhs_license_num): name the file <dataset>_tripdata_YYYY-MM.<parquet|csv|csv.gz> "
+        f"with a dataset of {'/'.join(DATASETS)}")
+
+
+def _missing(spec: DatasetSpec, names: list[str]) -> bool:
     try:
-        return resolve_columns(parquet.schema_arrow)
+        spec.resolve_columns(names)
+    except SchemaMismatch:
+        return True
+    return False
+
+
+def _choose_dataset(taxi_type: str | None, names: list[str],
+                    stats: TransformStats) -> tuple[DatasetSpec, dict[str, str]]:
+    """The spec (from the name if it names a dataset, else from the columns) and the
+    file's column for each canonical one. Raises BadInputFile when neither tells, or
+    the file lacks the spec's required columns."""
+    from_schema = dataset_from_columns(names)
+    stats.dataset_from_schema = from_schema
+    if taxi_type in SPECS:
+        spec = spec_for(taxi_type)
+        stats.taxi_type, stats.taxi_type_source = taxi_type, "name"
+        stats.dataset_conflict = layout_conflict(taxi_type, from_schema)
+    elif from_schema is not None:
+        spec = spec_for(from_schema)
+        stats.taxi_type, stats.taxi_type_source = from_schema, "schema"
+    else:
+        raise _unknown_dataset(taxi_type, names)
+    try:
+        return spec, spec.resolve_columns(names)
     except SchemaMismatch as exc:
         raise BadInputFile("schema_mismatch", str(exc)) from exc
 
 
 def inspect_source(source: BinaryIO | Path | str | pq.ParquetFile, *,
-                   batch_rows: int = 131_072) -> SourceFacts:
+                   batch_rows: int = 131_072, taxi_type: str | None = None) -> SourceFacts:
     """The dataset its columns say and the month most of its pickups fall in.
 
     Reads the footer and, unless the row-group statistics settle the month,
@@ -508,35 +583,24 @@ def inspect_source(source: BinaryIO | Path | str | pq.ParquetFile, *,
     transform for a file that is not parquet or lacks the trip columns.
     """
     parquet = _open_parquet(source)
-    mapping = _resolve(parquet)
+    names = parquet.schema_arrow.names
+    if taxi_type is None and dataset_from_columns(names) is None:
+        # Only the pickup column is needed: any dataset whose columns the file has.
+        taxi_type = next((name for name, spec in SPECS.items()
+                          if not _missing(spec, names)), None)
+    _, mapping = _choose_dataset(taxi_type, names, TransformStats())
     counter = _scan_months(parquet, mapping["pickup_datetime"], batch_rows)
     month = counter.most_common()
-    return SourceFacts(dataset_from_schema(parquet.schema_arrow), month, counter.share(month),
+    return SourceFacts(dataset_from_columns(parquet.schema_arrow), month, counter.share(month),
                        counter.pickups, parquet.metadata.num_rows)
 
 
-def _choose_dataset(taxi_type: str | None, from_schema: str | None,
-                    stats: TransformStats) -> None:
-    stats.dataset_from_schema = from_schema
-    if taxi_type in DATASETS:
-        stats.taxi_type, stats.taxi_type_source = taxi_type, "name"
-        stats.dataset_conflict = from_schema is not None and from_schema != taxi_type
-    elif from_schema is not None:
-        stats.taxi_type, stats.taxi_type_source = from_schema, "schema"
-    else:
-        raise BadInputFile(
-            "unknown_dataset",
-            f"the name says {taxi_type!r} and the columns say neither yellow (tpep_* times) "
-            f"nor green (lpep_* times): name the file <dataset>_tripdata_YYYY-MM.parquet "
-            f"with a dataset of {'/'.join(DATASETS)}")
-
-
-def _choose_month(month: tuple[int, int] | None, parquet: pq.ParquetFile, column: str,
-                  batch_rows: int, stats: TransformStats) -> None:
+def _choose_month(month: tuple[int, int] | None, scan: Callable[[], _MonthCounter],
+                  stats: TransformStats) -> None:
     if month is not None and 1 <= month[1] <= 12:
         stats.month, stats.month_source = month, "name"
         return
-    counter = _scan_months(parquet, column, batch_rows)
+    counter = scan()
     data_month = counter.most_common()
     stats.month_from_data = data_month
     if data_month is None:
@@ -552,7 +616,141 @@ def _choose_month(month: tuple[int, int] | None, parquet: pq.ParquetFile, column
     stats.month, stats.month_source, stats.month_share = data_month, "data", share
 
 
-# -- writing ---------------------------------------------------------------------------------
+# -- CSV and gzipped CSV -------------------------------------------------------------------
+
+GZIP_MAGIC = b"\x1f\x8b"
+# Bytes of (decompressed) text the streaming CSV reader parses at a time; its batches
+# are then cut to `batch_rows` rows. A TLC CSV row is 100-250 bytes.
+CSV_BYTES_PER_ROW = 160
+CSV_MIN_BLOCK = 1 << 20
+# The header line must end within this many bytes.
+CSV_MAX_HEADER = 1 << 20
+_DETAIL_LINE_CHARS = 80
+
+
+def _rewound(source: BinaryIO | Path | str) -> tuple[Any, bool]:
+    """An open binary file at its start, and whether we opened it (so must close it)."""
+    if isinstance(source, (str, Path)):
+        return pa.OSFile(str(source), "rb"), True
+    source.seek(0)
+    return pa.PythonFile(source, mode="r"), False
+
+
+def _text_stream(raw: Any, compressed: bool) -> Any:
+    return pa.CompressedInputStream(raw, "gzip") if compressed else raw
+
+
+def _csv_header(source: BinaryIO | Path | str, compressed: bool) -> list[str]:
+    """The header's column names, read from the first line (nothing else is read)."""
+    raw, opened = _rewound(source)
+    try:
+        if compressed:
+            magic = raw.read(2)
+            if magic != GZIP_MAGIC:
+                raise BadInputFile(
+                    "not_gzip", f"a .csv.gz file must start with the gzip magic 1f8b, this one "
+                    f"starts {magic!r}: upload the gzipped file, or name a plain CSV .csv")
+            raw.seek(0)
+        stream = _text_stream(raw, compressed)
+        head = b""
+        try:
+            while b"\n" not in head and len(head) < CSV_MAX_HEADER:
+                chunk = stream.read(64 * 1024)
+                if not chunk:
+                    break
+                head += chunk
+        except OSError as exc:
+            raise BadInputFile("truncated" if "runcated" in str(exc) else "unreadable",
+                               f"reading the CSV header failed ({exc})") from exc
+    finally:
+        if opened:
+            raw.close()
+    line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    if not line.strip():
+        raise BadInputFile("empty", "the file has no header line (no CSV data)")
+    try:
+        text = line.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadInputFile("not_csv", f"the first line is not UTF-8 text ({exc}): not a CSV "
+                           "file") from exc
+    return [name.strip() for name in next(csv.reader([text]))]
+
+
+class _CsvBatches:
+    """The CSV's batches (used columns as text), at most `batch_rows` rows each.
+
+    Lines with more or fewer cells than the header are collected in `malformed`
+    (line number, text) instead of stopping the read; the caller rejects them.
+    """
+
+    def __init__(self, source: BinaryIO | Path | str, compressed: bool,
+                 columns: list[str], batch_rows: int) -> None:
+        self.malformed: list[tuple[int | None, str]] = []
+        self.rows = 0
+        self.source, self.compressed, self.columns = source, compressed, columns
+        self.batch_rows = batch_rows
+
+    def _invalid(self, row: Any) -> str:
+        self.malformed.append((row.number, row.text))
+        return "skip"
+
+    def _open(self) -> Any:
+        block = max(CSV_MIN_BLOCK, self.batch_rows * CSV_BYTES_PER_ROW)
+        return pcsv.open_csv(  # reads (and can fail on) the first block already
+            _text_stream(self.raw, self.compressed),
+            read_options=pcsv.ReadOptions(block_size=block),
+            parse_options=pcsv.ParseOptions(invalid_row_handler=self._invalid),
+            convert_options=pcsv.ConvertOptions(
+                column_types={name: pa.string() for name in self.columns},
+                include_columns=self.columns, strings_can_be_null=True, null_values=[""],
+                quoted_strings_can_be_null=True),
+        )
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        self.raw, self.opened = _rewound(self.source)
+        try:
+            for batch in self._open():
+                for start in range(0, batch.num_rows, self.batch_rows):
+                    piece = batch.slice(start, self.batch_rows)
+                    self.rows += piece.num_rows
+                    yield piece
+        except OSError as exc:
+            if "runcated" in str(exc):
+                raise BadInputFile(
+                    "truncated", f"the gzip stream ends early, after {self.rows} rows "
+                    f"({exc}): the upload was cut off; upload the whole file again") from exc
+            raise BadInputFile("unreadable", f"reading the CSV failed after {self.rows} "
+                               f"rows ({exc})") from exc
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise BadInputFile("unreadable", f"reading the CSV failed after {self.rows} rows "
+                               f"({exc})") from exc
+        finally:
+            if self.opened:
+                self.raw.close()
+
+    def take_malformed(self) -> list[tuple[int | None, str]]:
+        taken, self.malformed = self.malformed, []
+        return taken
+
+
+def _malformed_rejects(lines: list[tuple[int | None, str]], spec: DatasetSpec) -> pa.RecordBatch:
+    """Reject rows for CSV lines that do not have the header's cell count: every data
+    column null, reason `malformed_row`, the line (its start) in `reject_detail`."""
+    n = len(lines)
+    detail = pa.array([f"line {number if number is not None else '?'}: "
+                       f"{text[:_DETAIL_LINE_CHARS]}" for number, text in lines], pa.string())
+    arrays = [pa.nulls(n, f.type) for f in spec.data_fields]
+    arrays += [pa.array([quality.MALFORMED_ROW] * n, pa.string()), detail]
+    return pa.RecordBatch.from_arrays(arrays, schema=spec.reject_data_schema)
+
+
+def _scan_csv_months(source: BinaryIO | Path | str, compressed: bool, column: str,
+                     batch_rows: int) -> _MonthCounter:
+    counter = _MonthCounter()
+    target = CANONICAL_SCHEMA.field("pickup_datetime").type
+    for batch in _CsvBatches(source, compressed, [column], batch_rows):
+        counter.add(_convert(batch.column(0), target)[0])
+    return counter
 
 
 class _RowGroup:
@@ -632,6 +830,37 @@ def _write(writer: pq.ParquetWriter, table: pa.Table) -> None:
     writer.write_table(table, row_group_size=max(table.num_rows, 1))
 
 
+def source_format(name: str | Path, head: bytes = b"") -> str:
+    """`parquet`, `csv` or `csv.gz` from the file name's ending; a name with none of
+    them by its first bytes (gzip magic: csv.gz; else parquet, which a non-parquet
+    file then fails as `not_parquet`, as it always did)."""
+    lower = str(name).lower()
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if lower.endswith((".csv.gz", ".gz")):
+        return "csv.gz"
+    if lower.endswith(".csv"):
+        return "csv"
+    return "csv.gz" if head.startswith(GZIP_MAGIC) else "parquet"
+
+
+def transform_file(
+    source: BinaryIO | Path | str,
+    processed_path: Path,
+    rejects_path: Path,
+    *,
+    file_format: str,
+    **options: Any,
+) -> TransformStats:
+    """`transform_parquet` or `transform_csv` by `file_format` (see `source_format`)."""
+    if file_format == "parquet":
+        return transform_parquet(source, processed_path, rejects_path, **options)
+    if file_format in ("csv", "csv.gz"):
+        return transform_csv(source, processed_path, rejects_path,
+                             compressed=file_format == "csv.gz", **options)
+    raise ValueError(f"unknown file format {file_format!r}: parquet, csv or csv.gz")
+
+
 def transform_parquet(
     source: BinaryIO | Path | str,
     processed_path: Path,
@@ -646,25 +875,114 @@ def transform_parquet(
     row_group_rows: int = ROW_GROUP_ROWS,
     row_group_bytes: int = ROW_GROUP_BYTES,
     row_group_disk_bytes: int = ROW_GROUP_DISK_BYTES,
+    zones: pa.Array | None = None,
 ) -> TransformStats:
     """Write good rows to `processed_path` and rejected rows (with reason) to `rejects_path`.
 
-    `taxi_type` and `month` are what the file's name says; a dataset other than
-    yellow/green (or None) is taken from the columns, a missing month from the
-    pickups (a first pass over that column). The stats say what was used and
-    from where. Raises BadInputFile for a file that is not parquet, is empty,
-    is truncated, lacks required columns, or whose dataset or month neither
-    its name nor its data tells; nothing written is then to be published.
+    `taxi_type` and `month` are what the file's name says; a name that names no
+    dataset (or None) leaves it to the columns, a missing month to the pickups
+    (a first pass over that column). The stats say what was used and from where.
+    Raises BadInputFile for a file that is not parquet, is empty, is truncated,
+    lacks required columns, or whose dataset or month neither its name nor its
+    data tells; nothing written is then to be published. `zones`: the valid
+    zone ids (default: the packaged TLC lookup).
     """
-    processed_path, rejects_path = Path(processed_path), Path(rejects_path)
     parquet = _open_parquet(source)
-    mapping = _resolve(parquet)
+    stats = TransformStats()
+    spec, mapping = _choose_dataset(taxi_type, parquet.schema_arrow.names, stats)
     if parquet.metadata.num_rows == 0:
         raise BadInputFile("empty", "the file has a schema but no rows")
-    stats = TransformStats()
-    _choose_dataset(taxi_type, dataset_from_schema(parquet.schema_arrow), stats)
-    _choose_month(month, parquet, mapping["pickup_datetime"], batch_rows, stats)
+    _choose_month(month, lambda: _scan_months(parquet, mapping["pickup_datetime"], batch_rows),
+                  stats)
 
+    def batches() -> Iterator[pa.RecordBatch]:
+        # Only reading errors are bad input; a failed write (a full disk) is raised
+        # as it is, to be retried.
+        try:
+            source_batches = parquet.iter_batches(batch_size=batch_rows,
+                                                  columns=list(mapping.values()))
+            while (raw := next(source_batches, None)) is not None:
+                yield raw
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+            raise BadInputFile("unreadable", f"reading row data failed ({exc})") from exc
+
+    _stream(batches(), spec, mapping, stats, processed_path, rejects_path,
+            source_uri=source_uri, source_generation=source_generation,
+            batch_rows=batch_rows, ingested_at=ingested_at, zones=zones,
+            group_limits=(row_group_rows, row_group_bytes, row_group_disk_bytes))
+    if stats.rows_in != parquet.metadata.num_rows:
+        raise BadInputFile(
+            "truncated",
+            f"footer promises {parquet.metadata.num_rows} rows, read {stats.rows_in}",
+        )
+    return stats
+
+
+def transform_csv(
+    source: BinaryIO | Path | str,
+    processed_path: Path,
+    rejects_path: Path,
+    *,
+    compressed: bool,
+    source_uri: str,
+    source_generation: int,
+    taxi_type: str | None,
+    month: tuple[int, int] | None,
+    batch_rows: int = 32_768,
+    ingested_at: datetime | None = None,
+    row_group_rows: int = ROW_GROUP_ROWS,
+    row_group_bytes: int = ROW_GROUP_BYTES,
+    row_group_disk_bytes: int = ROW_GROUP_DISK_BYTES,
+    zones: pa.Array | None = None,
+) -> TransformStats:
+    """`transform_parquet` for a CSV file (gzipped when `compressed`), streamed.
+
+    The header picks the columns; every used column is read as text and converted by
+    the spec's types, so a bad cell rejects its row instead of failing the batch or
+    the type of a column being guessed from its first rows. A line with the wrong
+    number of cells is rejected as `malformed_row`. A gzip stream that ends early is
+    BadInputFile `truncated`, a .csv.gz that is not gzip `not_gzip`.
+    """
+    names = _csv_header(source, compressed)
+    stats = TransformStats()
+    spec, mapping = _choose_dataset(taxi_type, names, stats)
+    columns = list(dict.fromkeys(mapping.values()))
+    _choose_month(month, lambda: _scan_csv_months(source, compressed,
+                                                  mapping["pickup_datetime"], batch_rows),
+                  stats)
+    reader = _CsvBatches(source, compressed, columns, batch_rows)
+    _stream(iter(reader), spec, mapping, stats, processed_path, rejects_path,
+            source_uri=source_uri, source_generation=source_generation,
+            batch_rows=batch_rows, ingested_at=ingested_at, zones=zones,
+            group_limits=(row_group_rows, row_group_bytes, row_group_disk_bytes),
+            malformed=reader.take_malformed)
+    if stats.rows_in == 0:
+        raise BadInputFile("empty", "the CSV has a header but no rows")
+    return stats
+
+
+def _stream(
+    batches: Iterator[pa.RecordBatch],
+    spec: DatasetSpec,
+    mapping: dict[str, str],
+    stats: TransformStats,
+    processed_path: Path,
+    rejects_path: Path,
+    *,
+    source_uri: str,
+    source_generation: int,
+    batch_rows: int,
+    ingested_at: datetime | None,
+    zones: pa.Array | None,
+    group_limits: tuple[int, int, int],
+    malformed: Callable[[], list[tuple[int | None, str]]] | None = None,
+) -> None:
+    """Normalise, check and write every batch: good rows to `processed_path`, rejected
+    ones (reason, detail) to `rejects_path`, in row groups sized by their bytes on disk."""
+    processed_path, rejects_path = Path(processed_path), Path(rejects_path)
+    zones = zones if zones is not None else zone_ids()
+    schema, rejects_schema = spec.schema, spec.rejects_schema
+    write_options = _write_options(spec)
     lineage_values = {
         "taxi_type": pa.scalar(stats.taxi_type, pa.string()),
         "source_uri": pa.scalar(source_uri, pa.string()),
@@ -674,16 +992,14 @@ def transform_parquet(
     # One array per lineage column, as long as a batch; each batch takes a slice.
     lineage = {name: pa.repeat(value, batch_rows) for name, value in lineage_values.items()}
     metadata = lineage_metadata(source_uri, source_generation)
-    good_group = _RowGroup(row_group_rows, row_group_bytes, row_group_disk_bytes)
-    bad_group = _RowGroup(row_group_rows, row_group_bytes, row_group_disk_bytes)
+    good_group = _RowGroup(*group_limits)
+    bad_group = _RowGroup(*group_limits)
     months = _MonthCounter()
-    # Only reading and checking errors are bad input; a failed write (a full disk) is
-    # raised as it is, to be retried.
     with (
-        pq.ParquetWriter(processed_path, CANONICAL_SCHEMA.with_metadata(metadata),
-                         **_WRITE_OPTIONS) as good_writer,
-        pq.ParquetWriter(rejects_path, REJECTS_SCHEMA.with_metadata(metadata),
-                         **_WRITE_OPTIONS) as bad_writer,
+        pq.ParquetWriter(processed_path, schema.with_metadata(metadata),
+                         **write_options) as good_writer,
+        pq.ParquetWriter(rejects_path, rejects_schema.with_metadata(metadata),
+                         **write_options) as bad_writer,
     ):
         def flush(group: _RowGroup, out: pq.ParquetWriter, path: Path,
                   schema: pa.Schema) -> None:
@@ -697,18 +1013,26 @@ def transform_parquet(
             if out is good_writer:
                 stats.row_groups_out += 1
 
-        try:
-            batches = parquet.iter_batches(batch_size=batch_rows,
-                                           columns=list(mapping.values()))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-            raise BadInputFile("unreadable", f"reading row data failed ({exc})") from exc
-        while True:
+        def add(group: _RowGroup, rows: pa.RecordBatch | None, out: pq.ParquetWriter,
+                path: Path, schema: pa.Schema) -> None:
+            rest = group.add(rows)
+            del rows
+            while group.full:
+                flush(group, out, path, schema)
+                rest = group.add(rest)
+
+        def reject_malformed() -> None:
+            lines = malformed() if malformed is not None else []
+            if lines:
+                stats.rows_in += len(lines)
+                stats.rejected[quality.MALFORMED_ROW] += len(lines)
+                add(bad_group, _malformed_rejects(lines, spec), bad_writer, rejects_path,
+                    rejects_schema)
+
+        for raw in batches:
             try:
-                raw = next(batches, None)
-                if raw is None:
-                    break
-                normalised = normalise(raw, mapping, stats.codes_nulled)
-                good, bad, bad_reasons = _split(normalised, stats.month)
+                normalised = normalise(raw, mapping, stats.codes_nulled, spec)
+                good, bad, bad_reasons = _split(normalised, stats.month, spec, zones)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
                 raise BadInputFile("unreadable", f"reading row data failed ({exc})") from exc
             if stats.month_source == "name":
@@ -724,26 +1048,16 @@ def transform_parquet(
             # The batch as read and normalised is not needed any more: release it
             # before a group is written (the groups keep only the rows they took).
             del raw, normalised, bad_reasons
-            for group, rows, out, path, schema in (
-                    (good_group, good, good_writer, processed_path, CANONICAL_SCHEMA),
-                    (bad_group, bad, bad_writer, rejects_path, REJECTS_SCHEMA)):
-                rest = group.add(rows)
-                del rows
-                while group.full:
-                    flush(group, out, path, schema)
-                    rest = group.add(rest)
+            add(good_group, good, good_writer, processed_path, schema)
+            add(bad_group, bad, bad_writer, rejects_path, rejects_schema)
             del good, bad
-        flush(good_group, good_writer, processed_path, CANONICAL_SCHEMA)
-        flush(bad_group, bad_writer, rejects_path, REJECTS_SCHEMA)
+            reject_malformed()
+        reject_malformed()
+        flush(good_group, good_writer, processed_path, schema)
+        flush(bad_group, bad_writer, rejects_path, rejects_schema)
     stats.row_group_disk_bytes = list(good_group.disk_sizes)
-    if stats.rows_in != parquet.metadata.num_rows:
-        raise BadInputFile(
-            "truncated",
-            f"footer promises {parquet.metadata.num_rows} rows, read {stats.rows_in}",
-        )
     if stats.month_source == "name":
         stats.month_from_data = months.most_common()
         if months.pickups:
             stats.month_share = months.share(stats.month)
             stats.month_conflict = stats.month_share < MONTH_MAJORITY
-    return stats

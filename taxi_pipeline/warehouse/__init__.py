@@ -36,6 +36,14 @@ class Warehouse(Protocol):
         """(source generation, rows) of the last load of `source_uri`, or None."""
         ...
 
+    def ensure_tables(self, schemas: dict[str, pa.Schema]) -> None:
+        """Create every missing table (name -> schema) with the load's properties."""
+        ...
+
+    def load_zones(self, rows: pa.Table, table: str) -> int:
+        """Replace `table` with the zone lookup's rows; the row count."""
+        ...
+
     def loads(self) -> list[dict[str, object]]:
         """The load log (table_name, source_uri, source_generation, object_uri,
         object_generation, rows, loaded_at), newest first."""

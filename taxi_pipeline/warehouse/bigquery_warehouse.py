@@ -32,6 +32,7 @@ table, the first time this version loads into it.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import random
 import time
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery
 
@@ -346,6 +348,28 @@ class BigQueryWarehouse:
                                                schema=_RANGES_SCHEMA))
             self._init_ranges(table, self._partition_type(wanted))
         self._ready.add(table)
+
+    def ensure_tables(self, schemas: dict[str, pa.Schema]) -> None:
+        """Create every table that is missing (one per dataset), partitioned and clustered."""
+        for table, schema in schemas.items():
+            self.ensure_table(table, schema)
+
+    def load_zones(self, rows: pa.Table, table: str) -> int:
+        """Replace `table` with the zone lookup's rows: one load job, WRITE_TRUNCATE (atomic
+        on BigQuery: a query sees the old lookup or the new one)."""
+        self._ensure_dataset()
+        wanted = bigquery_schema(rows.schema)
+        self._get_or_create(bigquery.Table(self._table_id(table), schema=wanted))
+        body = io.BytesIO()
+        pq.write_table(rows, body)
+        body.seek(0)
+        config = bigquery.LoadJobConfig(
+            source_format=bigquery.SourceFormat.PARQUET, schema=wanted,
+            write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE)
+        job = self.client.load_table_from_file(body, self._table_id(table), job_config=config,
+                                               location=self.location)
+        job.result()
+        return rows.num_rows
 
     def _partition_type(self, fields: list[bigquery.SchemaField]) -> str:
         return next(f.field_type for f in fields if f.name == self.partition_field)

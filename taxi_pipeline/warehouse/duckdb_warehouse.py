@@ -164,6 +164,30 @@ class DuckDBWarehouse:
                 raise
         return LoadResult(table, source_uri, source_generation, inserted, deleted, "loaded")
 
+    def ensure_tables(self, schemas: dict[str, pa.Schema]) -> None:
+        """Create every table that is missing (one per dataset), and the load log."""
+        with self.connect() as con:
+            for table, schema in schemas.items():
+                self.ensure_table(con, table, schema)
+
+    def load_zones(self, rows: pa.Table, table: str) -> int:
+        """Replace `table` with the zone lookup's rows (one statement: readers see the
+        old lookup or the new one, never none)."""
+        columns = ",\n  ".join(
+            f"{_quote(f.name)} {duckdb_type(f.type)}{'' if f.nullable else ' NOT NULL'}"
+            for f in rows.schema)
+        with self.connect() as con:
+            con.register("_zone_rows", rows)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute(f"CREATE OR REPLACE TABLE {_quote(table)} (\n  {columns}\n)")
+                con.execute(f"INSERT INTO {_quote(table)} SELECT * FROM _zone_rows")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return rows.num_rows
+
     def loaded(self, table: str, source_uri: str) -> tuple[int, int] | None:
         """(source generation, rows) of the last load of `source_uri`, or None."""
         if not self.path.exists():
