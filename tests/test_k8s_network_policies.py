@@ -220,11 +220,6 @@ def test_managed_prometheus_scrapes_the_bridge(docs: list[dict[str, Any]],
         assert allowed(policies, collector, everyone[exporter], port), exporter
         assert not allowed(policies, ("default", {}), everyone[exporter], port), exporter
         assert not allowed(policies, everyone["flow-run"], everyone[exporter], port), exporter
-    # The pipeline exporter and PrefectHQ's exporter (k8s/base/monitoring.yaml).
-    for exporter, port in (("taxi-exporter", 9464), ("prefect-exporter", 8000)):
-        assert allowed(policies, collector, everyone[exporter], port), exporter
-        assert not allowed(policies, ("default", {}), everyone[exporter], port), exporter
-        assert not allowed(policies, everyone["flow-run"], everyone[exporter], port), exporter
 
 
 def test_the_job_template_offers_no_labels_variable() -> None:
