@@ -369,6 +369,30 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return _with_api(settings, _reconcile(settings, timedelta(minutes=minutes), args.dry_run))
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    """SQL on the warehouse of any profile, or the ready rejects-by-reason query."""
+    from taxi_pipeline.ops.query import QueryError, rejects_by_reason, render, run_query
+
+    settings = _valid_settings()
+    if args.rejects == bool(args.sql):
+        raise SystemExit("error: give SQL or --rejects (one of them): "
+                         "taxi-pipeline query \"select count(*) from trips\"")
+    try:
+        result = (rejects_by_reason(settings, store_from_settings(settings)) if args.rejects
+                  else run_query(settings, args.sql, max_rows=args.max_rows))
+    except QueryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # never a traceback: the cause in one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: {type(exc).__name__}: {first}", file=sys.stderr)
+        return 1
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(render(result))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """One object's story, or the board of every object under a prefix."""
     from taxi_pipeline.ops.status_view import status
@@ -570,6 +594,21 @@ def build_parser() -> argparse.ArgumentParser:
              "this (default: TAXI_RECONCILE_AFTER_MINUTES, 3)")
     reconcile.add_argument("--dry-run", action="store_true", help="list, do not re-emit")
     reconcile.set_defaults(func=cmd_reconcile)
+    query = _command(
+        sub, "query", "run SQL on the warehouse (DuckDB locally, BigQuery otherwise)",
+        "Run a query on the warehouse of the profile and print the rows as a table. The "
+        "pipeline's tables (trips, fhv_trips, fhvhv_trips, zones) answer 0 rows before "
+        "anything is loaded; any other error is one line. Locally the DuckDB file is only "
+        "read. --rejects is the ready query for rejected rows by dataset and reason (they "
+        "live in the bucket's rejects/ files, not in the warehouse).",
+        ["taxi-pipeline query \"select taxi_type, count(*) from trips group by 1\"",
+         "taxi-pipeline query --rejects"])
+    query.add_argument("sql", nargs="?", help="the SQL to run")
+    query.add_argument("--rejects", action="store_true",
+                       help="rejected rows by dataset and reason (reads rejects/)")
+    query.add_argument("--max-rows", type=int, default=1000,
+                       help="print at most N rows (default: 1000)")
+    query.set_defaults(func=cmd_query)
     status = _command(
         sub, "status", "one object's events and rows, or a board of every object",
         "With an object (URI, name of any stage, file name or absolute path): its "

@@ -54,6 +54,21 @@ def check_what_up_printed(up: RunningUp, tmp_path: Path,
     settings = Settings()
     assert (settings.profile, settings.home) == ("emulator", up.home)
     warehouse = warehouse_from_settings(settings)
+    export_line = up.command_after("For status / reemit / reconcile / query", 1)
+    query_line = up.command_after("For status / reemit / reconcile / query", 3)
+    assert " query " in query_line
+
+    def printed_count() -> int:
+        """The printed count command, pasted after the printed export, as a user does."""
+        done = subprocess.run(["bash", "-c", f"{export_line}\n{query_line}"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{query_line}\n{done.stdout}{done.stderr}"
+        lines = done.stdout.strip().splitlines()
+        assert lines[-1] == "(1 row)", done.stdout
+        return int(lines[-2].strip().replace(",", ""))
+
+    # Before the first load the printed count answers 0, not a NotFound traceback.
+    assert printed_count() == 0
 
     # A month uploaded with google-cloud-storage to the printed endpoint ...
     name = raw_object_name(settings.raw_prefix, "green", 2024, 2)
@@ -90,8 +105,4 @@ def check_what_up_printed(up: RunningUp, tmp_path: Path,
     for uri, generation, expected in uploaded:
         assert wait_loaded(warehouse, settings.table, uri, generation) == expected
 
-    query = up.command_after("Count the rows")
-    counted = subprocess.run(["bash", "-c", query], capture_output=True, text=True,
-                             timeout=120)
-    assert counted.returncode == 0, counted.stderr
-    assert int(counted.stdout.strip()) == sum(expected for _, _, expected in uploaded)
+    assert printed_count() == sum(expected for _, _, expected in uploaded)

@@ -108,20 +108,6 @@ class EmulatorStack:
         target = f"gs://{self.settings.bucket}/{self.settings.raw_prefix}{dataset}/{year}/"
         return f"{env} gcloud storage cp {shlex.quote(source)} {target}"
 
-    def query_command(self) -> str:
-        """A Python one-liner that prints the table's row count from the BigQuery emulator."""
-        settings = self.settings
-        code = (
-            "from google.auth.credentials import AnonymousCredentials; "
-            "from google.cloud import bigquery; "
-            f'client = bigquery.Client(project="{settings.gcp_project}", '
-            "credentials=AnonymousCredentials(), "
-            f'client_options={{"api_endpoint": "{self.bigquery.endpoint}"}}); '
-            f'print(list(client.query("SELECT count(*) FROM {settings.bq_dataset}.'
-            f'{settings.table}").result())[0][0])'
-        )
-        return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
-
     def client_env(self) -> dict[str, str]:
         """What another shell needs for `taxi-pipeline status|reemit|reconcile` on this stack."""
         settings = self.settings
@@ -166,10 +152,11 @@ class EmulatorStack:
             "Write a sample month and upload it with gcloud (each upload is a new generation):",
             f"  {cli} sample yellow 2024-01 --rows 20000",
             f"  {self.gcloud_cp('yellow_tripdata_2024-01.parquet')}",
-            "Count the rows in the BigQuery emulator once it is loaded:",
-            f"  {self.query_command()}",
-            "For status / reemit / reconcile in another shell, first:",
+            "For status / reemit / reconcile / query in another shell, first:",
             f"  export {exports}",
+            "Then count the rows in the BigQuery emulator (0 until the first load):",
+            f"  {cli} query "
+            + shlex.quote(f"select count(*) from {self.settings.table}"),
         ]
 
     def upload(self, source: Path, name: str) -> None:
