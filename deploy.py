@@ -222,7 +222,24 @@ def deploy(settings: Settings | None = None,
     outcome = asyncio.run(apply_automations(automations))
     for name, what in outcome.items():
         log.info("automation %r %s", name, what)
+    prepare_warehouse(settings)
     return ids
+
+
+def prepare_warehouse(settings: Settings) -> None:
+    """Create each dataset's table and load the `zones` table, so the README's first
+    query answers before the first load. Never fails the deploy: a registration job
+    without warehouse rights logs what to run instead (`taxi-pipeline zones`)."""
+    from taxi_pipeline.ops.zones import install_zones
+
+    try:
+        done = install_zones(settings)
+    except Exception as exc:
+        log.warning("zones table not loaded (%s: %s); run `taxi-pipeline zones` with the "
+                    "warehouse's credentials", type(exc).__name__, exc)
+        return
+    log.info("zones: %d rows in %s; tables %s", done.rows, done.table_uri,
+             ", ".join(done.dataset_tables))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ Registered by deploy.py without a schedule: run it on demand, e.g.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Literal, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger
@@ -37,19 +37,26 @@ from taxi_pipeline.storage import store_from_settings
 @flow(name="backfill", flow_run_name=timed_run_name)
 def backfill(from_month: str, to_month: str | None = None,
              datasets: list[str] | None = None,
-             concurrency: int | None = None) -> dict[str, Any]:
+             concurrency: int | None = None,
+             source: Literal["tlc", "mirror"] | None = None) -> dict[str, Any]:
     """Download every month from `from_month` to `to_month` (YYYY-MM, both included;
     default: the newest month TLC should have published) of each dataset (default
-    TAXI_DOWNLOAD_DATASETS), `concurrency` at once (default TAXI_BACKFILL_CONCURRENCY)."""
+    TAXI_DOWNLOAD_DATASETS), `concurrency` at once (default TAXI_BACKFILL_CONCURRENCY),
+    from `source` (tlc: parquet; mirror: the 2019-2021 CSV.gz mirror; default
+    TAXI_DOWNLOAD_SOURCE)."""
     logger = get_run_logger()
     settings = get_settings()
+    if source is not None:
+        settings = settings.model_copy(update={"download_source": source})
     store = store_from_settings(settings)
     names = parse_datasets(datasets or settings.download_datasets)
     months = month_range(from_month, to_month or default_month(settings.download_lag_months))
     workers = concurrency or settings.backfill_concurrency
     total = len(names) * len(months)
     logger.info("backfill %s %s..%s: %d files from %s, %d at once", ",".join(names),
-                months[0], months[-1], total, settings.tlc_base_url, workers)
+                months[0], months[-1], total,
+                settings.tlc_mirror_url if settings.download_source == "mirror"
+                else settings.tlc_base_url, workers)
     # Sync call in a sync flow: the UUID itself (the annotation also allows a coroutine).
     progress = cast(UUID, create_progress_artifact(
         0.0, key="backfill-progress",

@@ -11,7 +11,7 @@ Landing the file is all it does; the bucket notification starts the rest.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -81,10 +81,14 @@ def download_month(store: ObjectStore, settings: Settings, dataset: str, month: 
 
 @flow(name="download", flow_run_name=timed_run_name)
 def download(months: list[str] | None = None,
-             datasets: list[str] | None = None) -> dict[str, Any]:
-    """Fetch each dataset's month (default: the newest TLC should have published)."""
+             datasets: list[str] | None = None,
+             source: Literal["tlc", "mirror"] | None = None) -> dict[str, Any]:
+    """Fetch each dataset's month (default: the newest TLC should have published) from
+    `source` (default TAXI_DOWNLOAD_SOURCE: tlc parquet, or the 2019-2021 CSV.gz mirror)."""
     logger = get_run_logger()
     settings = get_settings()
+    if source is not None:
+        settings = settings.model_copy(update={"download_source": source})
     store = store_from_settings(settings)
     months = months or [default_month(settings.download_lag_months)]
     datasets = datasets or settings.download_datasets

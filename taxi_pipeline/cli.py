@@ -28,9 +28,12 @@ from typing import Any, TextIO
 
 import pyarrow.parquet as pq
 
+from taxi_pipeline.datasets.registry import DATASETS, table_for, table_for_name
 from taxi_pipeline.objects import ObjectRef, output_name, sibling_name
 from taxi_pipeline.settings import Settings, SettingsError, get_settings
+from taxi_pipeline.sources.sample_data import FORMATS as SAMPLE_FORMATS
 from taxi_pipeline.sources.sample_data import generate_month, raw_object_name, write_month
+from taxi_pipeline.sources.tlc_download import SOURCES
 from taxi_pipeline.stack.local import LocalStack
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, store_from_settings
 from taxi_pipeline.warehouse import warehouse_from_settings
@@ -182,8 +185,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ValueError
     except ValueError:
         raise SystemExit(f"--month {args.month!r}: expected YYYY-MM, e.g. 2024-03") from None
-    sample = generate_month(args.dataset, year, month, args.rows, seed=args.seed)
-    out = Path(args.output or f"{args.dataset}_tripdata_{year:04d}-{month:02d}.parquet")
+    sample = generate_month(args.dataset, year, month, args.rows, seed=args.seed,
+                            file_format=args.format)
+    out = Path(args.output or f"{args.dataset}_tripdata_{year:04d}-{month:02d}.{args.format}")
     write_month(sample, out)
     print(f"wrote {out} ({sample.table.num_rows:,} rows, {sample.expected_good:,} should pass "
           f"the quality rules)")
@@ -197,7 +201,7 @@ def wait_for_load(settings: Settings, store: ObjectStore, raw: ObjectRef,
     quarantine_name = sibling_name(raw.name, settings.raw_prefix, settings.quarantine_prefix)
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        loaded = warehouse.loaded(settings.table, raw.uri)
+        loaded = warehouse.loaded(table_for_name(raw.name, settings.table), raw.uri)
         if loaded is not None and loaded[0] >= raw.generation:
             return loaded[1], time.monotonic() - start
         try:
@@ -213,13 +217,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = get_settings()
     _require_up_profile(settings, "demo")
     signal.signal(signal.SIGTERM, _interrupt)
-    name = raw_object_name(settings.raw_prefix, "yellow", 2024, 1)
-    print(f"Generating a sample yellow month ({args.rows:,} rows, real TLC schema and dirt)...",
-          flush=True)
-    sample = generate_month("yellow", 2024, 1, args.rows, seed=7)
+    name = raw_object_name(settings.raw_prefix, args.dataset, 2024, 1, args.format)
+    table_name = table_for(args.dataset, settings.table)
+    print(f"Generating a sample {args.dataset} month ({args.rows:,} rows, real TLC schema and "
+          "dirt)...", flush=True)
+    sample = generate_month(args.dataset, 2024, 1, args.rows, seed=7, file_format=args.format)
     latencies: list[float] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
-        source = write_month(sample, Path(tmp) / "yellow_tripdata_2024-01.parquet")
+        source = write_month(sample, Path(tmp) / name.rsplit("/", 1)[-1])
         if settings.profile == "emulator":
             from taxi_pipeline.stack.emulator import emulator_stack
 
@@ -229,12 +234,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             settings, stack = emulators.settings, emulators.stack
             print("\n".join(emulators.endpoints()), flush=True)
             # The emulators keep nothing once stopped: count the rows while they run.
-            table = f"{settings.gcp_project}.{settings.bq_dataset}.{settings.table}"
+            table = f"{settings.gcp_project}.{settings.bq_dataset}.{table_name}"
             query = ("The BigQuery emulator keeps nothing once stopped; `TAXI_PROFILE=emulator "
                      "taxi-pipeline up` keeps it running and prints how to query it")
 
             def count(uri: str) -> str:
-                rows = warehouse_from_settings(settings).rows_for(settings.table, uri)
+                rows = warehouse_from_settings(settings).rows_for(table_name, uri)
                 return f"BigQuery emulator: {rows or 0:,} rows of {uri} in {table}"
 
             def drop() -> None:
@@ -244,7 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             stack = running.enter_context(LocalStack(settings, ui=False))
             _print_stack(stack, settings)
             query = (f"Query it: {duckdb_cli()} {settings.warehouse_file} "
-                     f"\"select count(*) from {settings.table}\"")
+                     f"\"select count(*) from {table_name}\"")
 
             def count(uri: str) -> str:
                 return ""  # the loaded line says it all: the warehouse file stays
@@ -421,6 +426,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from taxi_pipeline.sources.tlc_download import default_month, month_range, parse_datasets
 
     settings = _valid_settings()
+    if args.source:
+        settings = settings.model_copy(update={"download_source": args.source})
     try:
         datasets = parse_datasets(args.dataset or settings.download_datasets)
         months = month_range(args.from_month,
@@ -429,6 +436,20 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {exc}") from None
     return backfill_in_console(settings, datasets, months, dry_run=args.dry_run,
                                concurrency=args.concurrency or settings.backfill_concurrency)
+
+
+def cmd_zones(args: argparse.Namespace) -> int:
+    """Create the datasets' tables and (re)load `zones` from TLC's zone lookup."""
+    from taxi_pipeline.ops.zones import install_zones
+
+    settings = get_settings()
+    if args.file is not None:
+        settings = settings.model_copy(update={"zones_file": args.file})
+    done = install_zones(settings)
+    print(f"loaded {done.rows} zones from {done.source} into {done.table_uri}")
+    for table, uri in done.dataset_tables.items():
+        print(f"table {table}: {uri}")
+    return 0
 
 
 def cmd_gcp_setup(args: argparse.Namespace) -> int:
@@ -541,6 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
         "queryable, print rows loaded and rejected and seconds from drop to queryable, stop.",
         ["taxi-pipeline demo", "taxi-pipeline demo --rows 50000 --drops 2"])
     demo.add_argument("--rows", type=int, default=250_000, help="rows in the sample month")
+    demo.add_argument("--dataset", choices=DATASETS, default="yellow",
+                      help="which dataset's month to drop (default: yellow, the fastest)")
+    demo.add_argument("--format", choices=SAMPLE_FORMATS, default="parquet",
+                      help="file format of the dropped month")
     demo.add_argument("--drops", type=int, default=1,
                       help="drop the month this many times (each drop is a new generation)")
     demo.add_argument("--timeout", type=float, default=180.0,
@@ -551,11 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Write a synthetic TLC month (the real schema, and its real dirt: rows the quality "
         "rules reject) to try the pipeline with.",
         ["taxi-pipeline sample yellow 2024-03   # -> ./yellow_tripdata_2024-03.parquet",
-         "taxi-pipeline sample green 2023-12 --rows 5000 -o /tmp/green.parquet"])
-    sample.add_argument("dataset", choices=["yellow", "green"], help="which TLC dataset")
+         "taxi-pipeline sample green 2023-12 --rows 5000 -o /tmp/green.parquet",
+         "taxi-pipeline sample fhvhv 2020-04 --format csv.gz"])
+    sample.add_argument("dataset", choices=DATASETS, help="which TLC dataset")
     sample.add_argument("month", help="YYYY-MM")
+    sample.add_argument("--format", choices=SAMPLE_FORMATS, default="parquet",
+                        help="parquet (TLC's columns of the era) or csv / csv.gz (the CSV "
+                             "mirror's layout of that year)")
     sample.add_argument("-o", "--output",
-                        help="file to write (default: <dataset>_tripdata_<YYYY-MM>.parquet)")
+                        help="file to write (default: <dataset>_tripdata_<YYYY-MM>.<format>)")
     sample.add_argument("--rows", type=int, default=100_000, help="rows to write")
     sample.add_argument("--seed", type=int, default=0,
                         help="random seed (same seed, same file)")
@@ -648,7 +677,20 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--dry-run", action="store_true",
                           help="say what is in the bucket and what would be downloaded; "
                                "send no request")
+    backfill.add_argument("--source", choices=SOURCES,
+                          help="tlc: TLC's parquet files (TAXI_TLC_BASE_URL); mirror: the "
+                               "2019-2021 CSV.gz mirror (TAXI_TLC_MIRROR_URL); default: "
+                               "TAXI_DOWNLOAD_SOURCE, tlc")
     backfill.set_defaults(func=cmd_backfill)
+    zones = _command(
+        sub, "zones", "load TLC's zone lookup into the `zones` table (and create all tables)",
+        "Create each dataset's table (trips, fhv_trips, fhvhv_trips) if missing and replace "
+        "the `zones` table with TLC's taxi_zone_lookup.csv (TAXI_ZONES_FILE, default: the "
+        "packaged copy). `up` and deploy do this too; idempotent.",
+        ["taxi-pipeline zones", "taxi-pipeline zones --file taxi_zone_lookup.csv"])
+    zones.add_argument("--file", type=Path, default=None,
+                       help="a zone lookup CSV (LocationID,Borough,Zone,service_zone)")
+    zones.set_defaults(func=cmd_zones)
     gcp = _command(
         sub, "gcp", "Google Cloud resources of the gcp/emulator profiles",
         "Manage the Google Cloud resources the gcp and emulator profiles use.",

@@ -217,7 +217,16 @@ class Settings(BaseSettings):
         default="https://d37ci6vzurychx.cloudfront.net/trip-data",
         description="Where TLC publishes monthly files (<dataset>_tripdata_<YYYY-MM>.parquet).",
     )
-    download_datasets: list[str] = ["yellow", "green"]
+    download_datasets: list[str] = Field(
+        default=["yellow", "green"], description="Datasets the scheduled download fetches: "
+        "any of yellow, green, fhv, fhvhv (fhvhv is ~0.5 GB a month).")
+    download_source: Literal["tlc", "mirror"] = Field(
+        default="tlc", description="tlc: TLC's parquet files (TAXI_TLC_BASE_URL); mirror: "
+        "the CSV.gz mirror of 2019-2021 most course material uses (TAXI_TLC_MIRROR_URL).")
+    tlc_mirror_url: str = Field(
+        default="https://github.com/DataTalksClub/nyc-tlc-data/releases/download",
+        description="The CSV.gz mirror's release URL: <url>/<dataset>/<dataset>_tripdata_"
+        "<YYYY-MM>.csv.gz.")
     download_cron: str = Field(
         default="0 6 * * *",
         description="Download schedule; daily, because TLC's publication day varies and "

@@ -9,6 +9,7 @@ with Prefect's run context, events and artifacts stubbed out.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import logging
@@ -20,11 +21,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
 from taxi_pipeline import events
 from taxi_pipeline.cli import main
+from taxi_pipeline.datasets.registry import DATASETS
 from taxi_pipeline.ops.backfill import run_backfill
 from taxi_pipeline.settings import Settings, get_settings
 from taxi_pipeline.sources.sample_data import generate_month
@@ -419,7 +422,7 @@ def test_an_interrupted_backfill_leaves_no_partial_file(site: Site) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--dataset", "fhv", "--from", "2024-01", "--to", "2024-02"], "unknown dataset(s) fhv"),
+    (["--dataset", "taxi", "--from", "2024-01", "--to", "2024-02"], "unknown dataset(s) taxi"),
     (["--from", "2024-13", "--to", "2024-02"], "'2024-13' is not a month"),
     (["--from", "2024-03", "--to", "2024-02"], "the range 2024-03..2024-02 is empty"),
 ])
@@ -483,7 +486,7 @@ def test_the_backfill_flow_takes_the_issues_parameters() -> None:
 
     assert backfill.name == "backfill"
     assert set(backfill.parameters.properties) == {"datasets", "from_month", "to_month",
-                                                   "concurrency"}
+                                                   "concurrency", "source"}
 
 
 def test_the_download_flow_lands_through_the_same_checks(
@@ -531,3 +534,104 @@ def test_deploy_registers_the_backfill_flow_without_a_schedule(
     assert "backfill" in ids
     assert registered["backfill"] == {"name": "backfill"}
     assert registered["download"]["cron"]
+
+
+# -- all four datasets, both sources (issue 17) --------------------------------------------
+
+
+def gz(body: bytes) -> bytes:
+    return gzip.compress(body)
+
+
+def synthetic_csv(dataset: str, month: str, rows: int = 300) -> bytes:
+    """A month as the CSV.gz mirror serves it (that year's mirror layout), gzipped."""
+    year, mon = (int(part) for part in month.split("-"))
+    sample = generate_month(dataset, year, mon, rows, seed=year * 12 + mon,  # type: ignore[arg-type]
+                            file_format="csv.gz")
+    buffer = io.BytesIO()
+    pcsv.write_csv(sample.table, buffer)
+    return gz(buffer.getvalue())
+
+
+def test_all_four_datasets_land_from_tlc(site: Site, tlc_data_dir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    served = {
+        tlc("green", "2025-10"): (tlc_data_dir / "green_tripdata_2025-10.parquet").read_bytes(),
+        tlc("yellow", "2025-10"): synthetic("yellow", "2025-10"),
+        tlc("fhv", "2025-10"): synthetic("fhv", "2025-10"),
+        tlc("fhvhv", "2025-10"): synthetic("fhvhv", "2025-10"),
+    }
+    for name, body in served.items():
+        site.serve_bytes(name, body)
+    code = main(["backfill", "--dataset", "yellow,green,fhv,fhvhv", "--from", "2025-10",
+                 "--to", "2025-10"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count(" landed ") == 4
+    settings = get_settings()
+    for dataset in DATASETS:
+        name = month_object_name(settings, dataset, "2025-10")
+        assert name == f"raw/{dataset}/2025/{dataset}_tripdata_2025-10.parquet"
+        assert (settings.bucket_dir / name).read_bytes() == served[tlc(dataset, "2025-10")]
+
+
+def test_the_csv_gz_mirror_lands_its_months_and_skips_what_it_lacks(
+        site: Site, tlc_data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TAXI_TLC_MIRROR_URL", site.base_url.replace("/trip-data", "/releases"))
+    get_settings.cache_clear()
+    served = {
+        "fhv_tripdata_2020-04.csv.gz": gz(
+            (tlc_data_dir / "fhv_tripdatasample_2020-04.csv").read_bytes()),
+        "fhvhv_tripdata_2020-04.csv.gz": gz(
+            (tlc_data_dir / "fhvhv_tripdatasample_2020-04.csv").read_bytes()),
+        "green_tripdata_2020-04.csv.gz": synthetic_csv("green", "2020-04"),
+        # yellow 2020-04 is not served: 404, reported not published
+    }
+    for name, body in served.items():
+        site.serve_bytes(name, body, content_type="application/gzip")
+    code = main(["backfill", "--source", "mirror", "--dataset", "yellow,green,fhv,fhvhv",
+                 "--from", "2020-04", "--to", "2020-04"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count(" landed ") == 3 and "not published" in out
+    settings = get_settings()
+    assert files_under(raw_dir(settings)) == [
+        "fhv/2020/fhv_tripdata_2020-04.csv.gz", "fhvhv/2020/fhvhv_tripdata_2020-04.csv.gz",
+        "green/2020/green_tripdata_2020-04.csv.gz"]
+    for name, body in served.items():
+        dataset = name.split("_", 1)[0]
+        assert (raw_dir(settings) / dataset / "2020" / name).read_bytes() == body
+    assert site.requests.count("yellow_tripdata_2020-04.csv.gz") == 1
+    # the same months from TLC are present already (in the other format): no request
+    before = len(site.requests)
+    assert main(["backfill", "--dataset", "green,fhv", "--from", "2020-04",
+                 "--to", "2020-04"]) == 0
+    assert "2 present" in capsys.readouterr().out or len(site.requests) == before
+    assert len(site.requests) == before
+
+
+def test_the_mirror_outside_2019_2021_and_its_bad_bodies(
+        site: Site, tlc_data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAXI_TLC_MIRROR_URL", site.base_url)
+    monkeypatch.setenv("TAXI_DOWNLOAD_SOURCE", "mirror")
+    get_settings.cache_clear()
+    settings = get_settings()
+    store = LocalStore(settings.bucket_dir)
+    outside = fetch_month(store, settings, "fhvhv", "2023-01")
+    assert outside.outcome == NOT_PUBLISHED and "2019-01..2021-12" in outside.detail
+    assert site.requests == []
+    whole = gz((tlc_data_dir / "head.csv").read_bytes())
+    site.serve_bytes("fhvhv_tripdata_2021-06.csv.gz", whole[: len(whole) // 2], length=-1)
+    cut = fetch_month(store, settings, "fhvhv", "2021-06")
+    assert cut.outcome == FAILED and "gzip stream ends early" in cut.detail
+    assert site.gets("fhvhv_tripdata_2021-06.csv.gz") == 3  # retried, as a truncated body
+    site.serve_bytes("fhv_tripdata_2021-06.csv.gz", b"dispatching_base_num,pickup\n")
+    plain = fetch_month(store, settings, "fhv", "2021-06")
+    assert plain.outcome == FAILED and "not csv.gz" in plain.detail
+    assert site.gets("fhv_tripdata_2021-06.csv.gz") == 1  # refused at once
+    assert files_under(settings.bucket_dir) == []
+    site.serve_bytes("fhvhv_tripdata_2021-06.csv.gz", whole)
+    landed = fetch_month(store, settings, "fhvhv", "2021-06")
+    assert landed.outcome == LANDED
+    assert (settings.bucket_dir / landed.name).read_bytes() == whole

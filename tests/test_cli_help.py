@@ -63,7 +63,7 @@ def test_sample_help_shows_its_defaults() -> None:
 def test_up_makes_a_raw_folder_per_known_dataset(tmp_path: Path) -> None:
     settings = Settings(profile="local", home=tmp_path)
     made = cli.raw_dataset_dirs(settings)
-    assert [p.name for p in made] == ["yellow", "green"]
+    assert [p.name for p in made] == ["yellow", "green", "fhv", "fhvhv"]
     assert all(p.is_dir() and p.parent == settings.bucket_dir / "raw" for p in made)
     assert cli.raw_dataset_dirs(settings) == made  # again: nothing to do, no error
 

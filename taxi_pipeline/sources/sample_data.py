@@ -18,13 +18,16 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from taxi_pipeline.objects import month_after, raw_object_name, tlc_file_name
 
 __all__ = ["SampleMonth", "generate_month", "raw_object_name", "tlc_file_name", "write_month"]
 
-Dataset = Literal["yellow", "green"]
+Dataset = Literal["yellow", "green", "fhv", "fhvhv"]
+# The formats `write_month` writes, by the path's ending.
+FORMATS = ("parquet", "csv", "csv.gz")
 # The schema eras TLC published: 2019-2022 (double codes, ns times, lower-case or
 # no airport fee), 2023-2024 (Airport_fee, integer codes), 2025 (cbd_congestion_fee).
 Era = Literal["2019", "2022", "2023", "2024", "2025"]
@@ -69,8 +72,17 @@ def generate_month(
     *,
     era: Era | None = None,
     seed: int = 0,
+    file_format: str = "parquet",
 ) -> SampleMonth:
-    """A month of trips in the schema of `era` (default: the era of `year`)."""
+    """A month of trips in the schema of `era` (default: the era of `year`); fhv and
+    fhvhv in their era's columns, the CSV mirror's layout for `file_format` csv/csv.gz."""
+    if dataset in ("fhv", "fhvhv"):
+        from taxi_pipeline.sources.sample_fhv import generate_fhv, generate_fhvhv
+
+        make = generate_fhv if dataset == "fhv" else generate_fhvhv
+        table, rejects = make(year, month, rows, csv_layout=file_format != "parquet",
+                              seed=seed)
+        return SampleMonth(table, rejects)
     era = era or era_of(year)
     rng = np.random.default_rng(seed)
     start = np.datetime64(datetime(year, month, 1), "us")
@@ -192,8 +204,28 @@ def generate_month(
     return SampleMonth(pa.table(columns), expected)
 
 
+def format_of_path(path: Path) -> str:
+    name = path.name.lower()
+    return "csv.gz" if name.endswith(".gz") else "csv" if name.endswith(".csv") else "parquet"
+
+
 def write_month(sample: SampleMonth, path: Path, row_group_rows: int = 1_000_000) -> Path:
-    """Write like TLC does: snappy parquet, large row groups."""
+    """Write like TLC does: snappy parquet, large row groups; or, for a path ending in
+    .csv or .csv.gz, a (gzipped) CSV with a header, as the CSV mirror has."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(sample.table, path, compression="snappy", row_group_size=row_group_rows)
+    file_format = format_of_path(path)
+    if file_format == "parquet":
+        pq.write_table(sample.table, path, compression="snappy", row_group_size=row_group_rows)
+    else:
+        # TLC's CSVs have whole seconds (2020-04-24 08:20:17)
+        table = sample.table
+        for index, field in enumerate(table.schema):
+            if pa.types.is_timestamp(field.type):
+                table = table.set_column(index, field.name,
+                                         table.column(index).cast(pa.timestamp("s"), safe=False))
+        if file_format == "csv.gz":
+            with pa.CompressedOutputStream(str(path), "gzip") as out:
+                pcsv.write_csv(table, out)
+        else:
+            pcsv.write_csv(table, path)
     return path

@@ -1,10 +1,15 @@
 """Fetch one TLC month into the bucket's raw prefix: the download flow, the backfill flow
 and `taxi-pipeline backfill` all land files through `fetch_month`.
 
-What lands under `raw/` is always a whole parquet file: the body streams into the
-store's publish path (a hidden temporary file beside the target locally, a local
-temporary file for GCS), its parquet magic and footer metadata are checked, and only
-then does the publish complete. Anything else (an HTML error page served with 200, a
+What lands under `raw/` is always a whole file: the body streams into the store's
+publish path (a hidden temporary file beside the target locally, a local temporary
+file for GCS), its parquet magic and footer metadata (or, from the CSV.gz mirror,
+its gzip magic and whole gzip stream) are checked, and only then does the publish
+complete. Two sources (`TAXI_DOWNLOAD_SOURCE`, `--source`): `tlc`, TLC's parquet
+files of all four datasets; `mirror`, the CSV.gz mirror of 2019-2021 that course
+material uses (months outside it are reported not published, without a request).
+A month already in the bucket in either format is `present`: it is never landed
+twice. Anything else (an HTML error page served with 200, a
 truncated body, a 5xx) leaves nothing behind. The object is published "only if absent"
 (`if_generation_match=0`), so two runs never both write a month.
 
@@ -32,15 +37,26 @@ from typing import Any
 import httpx
 import pyarrow.parquet as pq
 
+from taxi_pipeline.datasets.registry import DATASETS as REGISTERED_DATASETS
 from taxi_pipeline.objects import ObjectRef, raw_object_name, tlc_file_name
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.storage import ObjectNotFound, ObjectStore, PreconditionFailed
-from taxi_pipeline.storage.local import PARQUET_MAGIC, has_parquet_footer
+from taxi_pipeline.storage.local import (
+    GZIP_MAGIC,
+    PARQUET_MAGIC,
+    gzip_complete,
+    has_parquet_footer,
+)
 
 log = logging.getLogger(__name__)
 
-# The datasets the transform understands (taxi_pipeline/datasets/schema.py).
-DATASETS = ("yellow", "green")
+# The datasets the transform understands (taxi_pipeline/datasets/registry.py).
+DATASETS = REGISTERED_DATASETS
+SOURCES = ("tlc", "mirror")
+# The months the CSV.gz mirror holds (yellow, green, fhv and fhvhv of 2019-2021).
+MIRROR_FIRST, MIRROR_LAST = "2019-01", "2021-12"
+# Formats a month may sit in under raw/ (what the download lands, what users drop).
+RAW_FORMATS = ("parquet", "csv.gz", "csv")
 
 LANDED = "landed"
 PRESENT = "present"
@@ -127,19 +143,47 @@ def default_month(lag_months: int, today: datetime | None = None) -> str:
     return f"{index // 12:04d}-{index % 12 + 1:02d}"
 
 
+def source_format(settings: Settings) -> str:
+    """The file format the configured source serves: parquet (tlc) or csv.gz (mirror)."""
+    return "csv.gz" if settings.download_source == "mirror" else "parquet"
+
+
 def month_url(settings: Settings, dataset: str, month: str) -> str:
     year, mon = parse_month(month)
+    if settings.download_source == "mirror":
+        name = tlc_file_name(dataset, year, mon, "csv.gz")
+        return f"{settings.tlc_mirror_url.rstrip('/')}/{dataset}/{name}"
     return f"{settings.tlc_base_url.rstrip('/')}/{tlc_file_name(dataset, year, mon)}"
 
 
 def month_object_name(settings: Settings, dataset: str, month: str) -> str:
     year, mon = parse_month(month)
-    return raw_object_name(settings.raw_prefix, dataset, year, mon)
+    return raw_object_name(settings.raw_prefix, dataset, year, mon, source_format(settings))
+
+
+def in_source(settings: Settings, month: str) -> bool:
+    """Whether the configured source can have the month at all (the mirror: 2019-2021)."""
+    return settings.download_source != "mirror" or MIRROR_FIRST <= month <= MIRROR_LAST
 
 
 def planned_ref(store: ObjectStore, name: str) -> ObjectRef:
     """A reference for events about an object that does not exist (yet)."""
     return ObjectRef(bucket=store.bucket, name=name, generation=0, scheme=store.scheme)
+
+
+def gzip_problem(path: Path) -> str | None:
+    """Why the file is not a whole gzip stream, or None when it is one."""
+    if gzip_complete(path):
+        return None
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    if not head.startswith(GZIP_MAGIC):
+        return f"not gzip ({path.stat().st_size} bytes starting {head!r})"
+    return f"truncated: the gzip stream ends early after {path.stat().st_size} bytes"
+
+
+def content_problem(path: Path, file_format: str) -> str | None:
+    return gzip_problem(path) if file_format == "csv.gz" else parquet_problem(path)
 
 
 def parquet_problem(path: Path) -> str | None:
@@ -168,6 +212,18 @@ def present(store: ObjectStore, name: str) -> ObjectRef | None:
         return store.ref(name)
     except ObjectNotFound:
         return None
+
+
+def present_any(store: ObjectStore, settings: Settings, dataset: str, month: str
+                ) -> ObjectRef | None:
+    """The month's raw object in any format (parquet from TLC, csv.gz from the mirror,
+    a csv someone dropped): loading one month from two sources would double its rows."""
+    year, mon = parse_month(month)
+    for ext in RAW_FORMATS:
+        found = present(store, raw_object_name(settings.raw_prefix, dataset, year, mon, ext))
+        if found is not None:
+            return found
+    return None
 
 
 def fetch_month(store: ObjectStore, settings: Settings, dataset: str, month: str, *,
@@ -201,10 +257,13 @@ def _fetch_month(store: ObjectStore, settings: Settings, dataset: str, month: st
         return MonthResult(dataset, month, outcome, name, url, detail, size, attempts,
                            time.monotonic() - started, obj, status)
 
-    existing = present(store, name)
+    existing = present_any(store, settings, dataset, month)
     if existing is not None:
         return result(PRESENT, f"{existing.uri} generation {existing.generation}",
                       obj=existing)
+    if not in_source(settings, month):
+        return result(NOT_PUBLISHED, f"the CSV.gz mirror holds {MIRROR_FIRST}..{MIRROR_LAST} "
+                      "only; use --source tlc for other months")
     attempts = settings.download_attempts
     for attempt in range(1, attempts + 1):
         try:
@@ -253,17 +312,18 @@ def _download_once(store: ObjectStore, settings: Settings, name: str, url: str,
             if status != 200:
                 raise _Refused(f"HTTP {status} from {url}")
             content_type = response.headers.get("content-type", "")
+            file_format = source_format(settings)
             if content_type.lower().startswith(("text/html", "application/xhtml")):
-                raise _Refused(f"HTTP 200 with {content_type}: an error page, not parquet")
+                raise _Refused(f"HTTP 200 with {content_type}: an error page, not {file_format}")
             expected = int(response.headers.get("content-length") or 0)
             with store.publish(name, if_generation_match=0) as path:
-                written = _stream(response, path, url, expected, logger, cancel)
+                written = _stream(response, path, url, expected, logger, cancel, file_format)
                 if expected and response.num_bytes_downloaded != expected:
                     raise _Retry(f"truncated: {response.num_bytes_downloaded} of "
                                  f"{expected} bytes")
-                problem = parquet_problem(path)
+                problem = content_problem(path, file_format)
                 if problem is not None:
-                    if problem.startswith("not parquet"):
+                    if problem.startswith("not "):
                         raise _Refused(problem)
                     raise _Retry(problem)
             return status, written
@@ -273,8 +333,9 @@ def _download_once(store: ObjectStore, settings: Settings, name: str, url: str,
 
 
 def _stream(response: httpx.Response, path: Path, url: str, expected: int, logger: Logger,
-            cancel: threading.Event) -> int:
-    """Copy the body to `path`; refuse a body that does not start like parquet at once."""
+            cancel: threading.Event, file_format: str = "parquet") -> int:
+    """Copy the body to `path`; refuse a body that does not start like the format at once."""
+    magic = GZIP_MAGIC if file_format == "csv.gz" else PARQUET_MAGIC
     written = 0
     head = b""
     next_report = PROGRESS_EVERY
@@ -285,8 +346,8 @@ def _stream(response: httpx.Response, path: Path, url: str, expected: int, logge
                 raise Cancelled
             if len(head) < 16:
                 head += chunk[: 16 - len(head)]
-                if len(head) >= len(PARQUET_MAGIC) and not head.startswith(PARQUET_MAGIC):
-                    raise _Refused(f"not parquet (starts {head!r})")
+                if len(head) >= len(magic) and not head.startswith(magic):
+                    raise _Refused(f"not {file_format} (starts {head!r})")
             out.write(chunk)
             written += len(chunk)
             if written >= next_report:

@@ -18,6 +18,7 @@ import mimetypes
 import os
 import stat
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,6 +81,64 @@ def has_parquet_footer(path: Path, *, strict: bool = False) -> bool:
         if strict:
             raise
         return False
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def gzip_complete(path: Path, *, strict: bool = False) -> bool:
+    """True when the file is a whole gzip stream: every member inflates to its end
+    and its trailer (CRC-32 and length) checks out (zlib verifies both).
+
+    A gzip file has no footer to look at: the last deflate block and the trailer
+    are only known by inflating, which zlib does at ~300 MB/s in 1 MiB chunks and
+    bounded memory. A file still being written, or cut short, ends mid-stream.
+    `strict` as for `has_parquet_footer`.
+    """
+    try:
+        with open_regular(path) as handle:
+            if handle.read(2) != GZIP_MAGIC:
+                return False
+            handle.seek(0)
+            inflater = zlib.decompressobj(wbits=31)
+            while True:
+                chunk = handle.read(1 << 20)
+                if not chunk:
+                    break
+                while chunk:
+                    inflater.decompress(chunk, 1 << 20)
+                    chunk = inflater.unconsumed_tail
+                    if inflater.eof:
+                        rest = inflater.unused_data + chunk
+                        if not rest.strip(b"\0"):  # padding after the last member
+                            chunk = b""
+                            continue
+                        inflater = zlib.decompressobj(wbits=31)  # the next member
+                        chunk = rest
+            return inflater.eof
+    except zlib.error:
+        return False
+    except OSError:
+        if strict:
+            raise
+        return False
+
+
+def cannot_become_complete(path: Path, name: str) -> bool:
+    """The first bytes already rule out the format the name promises (a .parquet that
+    does not start with PAR1, a .gz that does not start with 1f8b): waiting for more
+    bytes will not make it whole, so the transform can judge (quarantine) it now."""
+    lower = name.lower()
+    magic = PARQUET_MAGIC if lower.endswith(".parquet") else (
+        GZIP_MAGIC if lower.endswith(".gz") else None)
+    if magic is None:
+        return False
+    try:
+        with open_regular(path) as handle:
+            head = handle.read(len(magic))
+    except OSError:
+        return False
+    return len(head) == len(magic) and head != magic
 
 
 def generation_of(st: os.stat_result) -> int:
