@@ -369,3 +369,13 @@ def test_location_rule_checks_the_lookup_it_is_given(tlc_data_dir: Path, tmp_pat
                            source_uri="file:///x", source_generation=1, taxi_type="fhvhv",
                            month=(2019, 2), zones=zone_ids(lookup))
     assert (stats.rows_out, dict(stats.rejected)) == (1, {"unknown_location": 1})
+
+
+def test_nanosecond_text_times_are_cut_to_microseconds(tmp_path: Path) -> None:
+    """pandas writes ns times to CSV (`08:20:17.123456789`): TLC never records below a
+    second, so the digits past the microsecond are cut, not the row rejected."""
+    path = tmp_path / "fhvhv_tripdata_2019-02.csv"
+    path.write_text(HEADER + GOOD_LINE.replace("00:05:18", "00:05:18.123456789"))
+    stats, good, _ = transform(path, tmp_path / "out", "fhvhv", (2019, 2))
+    assert stats.rows_out == 1
+    assert good.column("pickup_datetime").to_pylist() == [datetime(2019, 2, 1, 0, 5, 18, 123456)]

@@ -103,7 +103,8 @@ _TIME_FORMATS = (
     "%Y-%m-%d %H", "%Y-%m-%dT%H", "%Y-%m-%d",
     "%m/%d/%Y %I:%M:%S %p", "%m/%d/%Y %I:%M %p", "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M",
 )
-_TIME_PARTS = (r"^(?P<base>.*?\d:\d{2}(?::\d{2})?)(?P<fraction>\.\d{1,6})?"
+# (nanoseconds, as pandas writes them, are cut to microseconds)
+_TIME_PARTS = (r"^(?P<base>.*?\d:\d{2}(?::\d{2})?)(?P<fraction>\.\d{1,9})?"
                r"(?P<zone>Z|[+-]\d{2}:?\d{2})?$")
 _HAS_PARTS = r"\d\.\d|\d(?:Z|[+-]\d{2}:?\d{2})$"
 _ZONE = r"^(?P<sign>[+-])(?P<hours>\d{2}):?(?P<minutes>\d{2})$"
@@ -253,7 +254,7 @@ def _parse_times_slowly(text: pa.Array) -> pa.Array:
     parsed = pc.if_else(pc.fill_null(pc.equal(pc.day(parsed), day), False), parsed,
                         pa.scalar(None, parsed.type))
     if fraction is not None:
-        micros = pc.cast(pc.utf8_rpad(pc.utf8_slice_codeunits(fraction, 1), width=6,
+        micros = pc.cast(pc.utf8_rpad(pc.utf8_slice_codeunits(fraction, 1, 7), width=6,
                                       padding="0"), pa.int64())
         parsed = pc.add(parsed, pc.cast(pc.fill_null(micros, 0), pa.duration("us")))
     if zone is not None and pc.any(pc.is_valid(zone)).as_py():
