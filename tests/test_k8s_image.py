@@ -242,7 +242,7 @@ def pipeline_containers() -> list[tuple[str, dict[str, Any]]]:
 def test_every_pipeline_container_has_a_command() -> None:
     names = {name for name, _ in pipeline_containers()}
     assert names == {"prefect-server", "prefect-services", "prefect-migrate", "prefect-worker",
-                     "taxi-bridge", "taxi-deploy"}
+                     "taxi-bridge", "taxi-deploy", "taxi-exporter"}
     for name, c in pipeline_containers():
         assert c.get("command"), f"{name} relies on the image's CMD"
 
