@@ -2,7 +2,10 @@
 
 Polling, not inotify: a file is only ready once its size and change time have
 held still for `settle_seconds` (a slow copy keeps changing), and a .parquet
-file additionally once its footer magic is present. Polling sees both without
+file additionally once its footer magic is present, a .csv.gz once its gzip
+stream inflates to its trailer (a plain .csv has no end marker: settling
+decides). A file whose first bytes rule out the format its name promises is
+not waited for past the settle time: it can never become whole. Polling sees both without
 tracking write events, and works on every OS and on network mounts. A .parquet
 file that already has its footer and that no process holds open for writing
 is finished: it is announced at once, without the settle wait (every transform
@@ -53,9 +56,33 @@ from taxi_pipeline.storage.local import (
     LocalStore,
     NotAnObject,
     NotARegularFile,
+    cannot_become_complete,
+    gzip_complete,
     has_parquet_footer,
     printable_name,
 )
+
+# What each format with an end marker lacks while it is being written.
+_END_MARKERS = {"parquet": "a parquet footer", "gzip": "the end of its gzip stream"}
+
+
+def format_of(name: str) -> str:
+    """`parquet`, `gzip` (.csv.gz) or `text` (plain CSV and anything else) by the name."""
+    lower = name.lower()
+    return "parquet" if lower.endswith(".parquet") else "gzip" if lower.endswith(".gz") \
+        else "text"
+
+
+def whole_format(path: Path, name: str) -> bool | None:
+    """Whether the file has its format's end marker (parquet footer, a gzip stream
+    inflated to its trailer); None for a format without one (plain CSV): only settling
+    tells. Raises OSError when the file cannot be read."""
+    kind = format_of(name)
+    if kind == "parquet":
+        return has_parquet_footer(path, strict=True)
+    if kind == "gzip":
+        return gzip_complete(path, strict=True)
+    return None
 
 __all__ = ["VANISHED", "DirectorySource", "OpenForWriting", "has_parquet_footer",
            "rejected_event"]
@@ -350,26 +377,33 @@ class DirectorySource:
         return writers is not None and str(path) not in writers
 
     def _complete(self, ref: ObjectRef, watch: _Watch, quiet: float) -> bool:
-        """Settled; is it finished? Raises OSError when the file cannot be read."""
+        """Settled; is it finished? Raises OSError when the file cannot be read.
+
+        A format with an end marker (parquet's footer, gzip's trailer: `whole_format`)
+        waits for it up to `stall_seconds`, unless its first bytes already rule the
+        format out (it can never become whole: announced now, and quarantined). A plain
+        CSV has no end marker: settling (and no writer) is all there is.
+        """
         path = self.store.root / ref.name
-        parquet = ref.name.endswith(".parquet")
-        if parquet and has_parquet_footer(path, strict=True):
+        whole = whole_format(path, ref.name)
+        if whole:
             return True
-        if parquet and quiet < self.stall:
+        marker = _END_MARKERS.get(format_of(ref.name), "")
+        if whole is False and quiet < self.stall and not cannot_become_complete(path, ref.name):
             return False  # still being written, or truncated: wait for the stall limit
         holders = self._writers_of(path)
         if holders:
             if not watch.held_logged:
                 log.info("waiting uri=%s generation=%d: unchanged for %.0fs%s but open for "
                          "writing by pid %s; announced once it is closed", ref.uri,
-                         ref.generation, quiet, " without a parquet footer" if parquet else "",
+                         ref.generation, quiet, f" without {marker}" if whole is False else "",
                          ",".join(map(str, sorted(holders))))
                 watch.held_logged = True
             return False
-        if parquet:
-            log.warning("announcing uri=%s generation=%d without a parquet footer: unchanged "
-                        "for %.0fs and open for writing by no process the bridge can see "
-                        "(it will be quarantined as truncated)", ref.uri, ref.generation, quiet)
+        if whole is False:
+            log.warning("announcing uri=%s generation=%d without %s: unchanged for %.0fs and "
+                        "open for writing by no process the bridge can see (it will be "
+                        "quarantined)", ref.uri, ref.generation, marker, quiet)
         return True
 
     def _snapshot(self) -> dict[str, set[int]] | None:
