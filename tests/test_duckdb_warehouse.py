@@ -123,7 +123,7 @@ def test_same_object_generation_again_is_already_loaded(
     for _ in range(3):  # redelivered notifications, retried load runs
         again = load(warehouse, p)
         assert again.status == "already_loaded"
-        assert again.rows == 0
+        assert again.rows == p.rows  # what the table holds for it, not 0
     assert warehouse.rows_for(TABLE, YELLOW_URI) == p.rows
     assert query(warehouse, f"SELECT count(*) FROM {TABLE}") == [(p.rows,)]
     assert len(warehouse.loads()) == 1

@@ -522,9 +522,11 @@ class BigQueryWarehouse:
                 self._sleep(wait)
                 delay *= 2
 
-    def _previous_load(self, table: str, source_uri: str) -> tuple[int, str, int] | None:
+    def _previous_load(self, table: str, source_uri: str) -> tuple[int, str, int, int] | None:
+        """(source generation, object URI, object generation, rows) of the last load."""
         _, rows = self._query(
-            f"SELECT source_generation, object_uri, object_generation FROM {self._sql(LOAD_LOG)}"
+            "SELECT source_generation, object_uri, object_generation, rows FROM "
+            f"{self._sql(LOAD_LOG)}"
             " WHERE table_name = @table_name AND source_uri = @source_uri"
             " ORDER BY source_generation DESC, loaded_at DESC LIMIT 1",
             {"table_name": table, "source_uri": source_uri},
@@ -532,7 +534,8 @@ class BigQueryWarehouse:
         if not rows:
             return None
         row = rows[0]
-        return int(row["source_generation"]), str(row["object_uri"]), int(row["object_generation"])
+        return (int(row["source_generation"]), str(row["object_uri"]),
+                int(row["object_generation"]), int(row["rows"] or 0))
 
     # -- the load ------------------------------------------------------------------
 
@@ -574,8 +577,8 @@ class BigQueryWarehouse:
         if previous is not None:
             if previous[0] > source_generation:
                 return result("superseded")
-            if previous == (source_generation, object_uri, object_generation):
-                return result("already_loaded")
+            if previous[:3] == (source_generation, object_uri, object_generation):
+                return result("already_loaded", rows=previous[3])  # the rows it holds
 
         staging = self.staging_table(table, source_uri, object_uri, object_generation)
         staged = self._stage(object_uri, object_generation, staging, schema, source_uri,

@@ -123,12 +123,12 @@ class DuckDBWarehouse:
             con.execute("BEGIN TRANSACTION")
             try:
                 previous = con.execute(
-                    f"SELECT source_generation, object_uri, object_generation FROM {LOAD_LOG}"
-                    " WHERE table_name = ? AND source_uri = ?",
+                    f"SELECT source_generation, object_uri, object_generation, rows "
+                    f"FROM {LOAD_LOG} WHERE table_name = ? AND source_uri = ?",
                     [table, source_uri],
                 ).fetchone()
                 if previous is not None:
-                    loaded_generation, loaded_object, loaded_object_generation = previous
+                    loaded_generation, loaded_object, loaded_object_generation, held = previous
                     status = None
                     if loaded_generation > source_generation:
                         status = "superseded"
@@ -138,7 +138,10 @@ class DuckDBWarehouse:
                         status = "already_loaded"
                     if status:
                         con.execute("ROLLBACK")
-                        return LoadResult(table, source_uri, source_generation, 0, 0, status)
+                        # already_loaded: the rows the table holds for it, not 0 (a re-run
+                        # reads "already loaded, N rows", which is what a person asks)
+                        rows = int(held) if status == "already_loaded" else 0
+                        return LoadResult(table, source_uri, source_generation, rows, 0, status)
                 deleted_row = con.execute(
                     f"DELETE FROM {_quote(table)} WHERE source_uri = ?", [source_uri]
                 ).fetchone()
