@@ -43,7 +43,7 @@ def isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 # through the other long files, instead of the bursts being the tail.
 # The rest of the list is the other long files, longest first (measured on three
 # workers), so the last minutes are spent on short files on every worker.
-_FIRST = ("test_e2e_burst_server_kill.py", "test_e2e_burst.py", "test_e2e_recovery.py",
+_FIRST = ("test_e2e_up_supervises.py", "test_e2e_burst.py", "test_e2e_recovery.py",
           "test_e2e_local.py", "test_bridge_pubsub.py", "test_e2e_bridge_faults.py",
           "test_e2e_emulator.py", "test_warm_runs.py", "test_bigquery_warehouse.py",
           "test_e2e_emulator_up.py", "test_production_server.py", "test_dead_letters.py",

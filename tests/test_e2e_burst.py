@@ -3,9 +3,9 @@
 200 small valid files (both datasets, many months) are copied into raw/ at
 once; the bridge, automations, worker, recover and reconcile deployments must
 get every one into the warehouse exactly once: rows per source URI equal the
-file's good rows and the load log has one entry per object. The same burst
-with the Prefect server SIGKILLed in the middle is in
-test_e2e_burst_server_kill.py (its own file, so the two run on two workers).
+file's good rows and the load log has one entry per object. A burst with every
+part of `up` SIGKILLed in turn (the server among them) is in
+test_e2e_up_supervises.py (its own file, so the two run on two workers).
 """
 
 from __future__ import annotations
