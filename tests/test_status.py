@@ -427,6 +427,12 @@ def test_a_followed_event_is_one_line_with_its_object_and_key_payload(
     def nothing(uri: str) -> None:
         return None
 
+    first = event(events.OBJECT_FINALIZED, family.uris[RAW], 7, at)
+    again = Event(event=events.OBJECT_FINALIZED, occurred=at, id=uuid.uuid4(), resource=Resource(
+        {**dict(first.resource), events.LABEL_REEMIT: "true"}))
+    assert "(re-emit)" not in status_view.follow_line(first, store.name_of)
+    assert "storage.object.finalized (re-emit)" in status_view.follow_line(again,
+                                                                           store.name_of)
     other = event(events.RECONCILE_COMPLETED, "taxi-pipeline.reconcile", None, at, emitted=0)
     assert "taxi-pipeline.reconcile" in status_view.follow_line(other, nothing)
 

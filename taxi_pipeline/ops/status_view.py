@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect.events import Event
 
+from taxi_pipeline import events
 from taxi_pipeline.ops.status_model import (
     LOOKBACK,
     PROCESSED,
@@ -71,12 +72,19 @@ def summary_line(row: Row) -> str:
     return ", ".join(parts)
 
 
+def event_name(event: Event) -> str:
+    """The event's name, marked when it is a re-emit (`reemit`, reconcile, recover, a
+    kept output) rather than a first landing: both are `storage.object.finalized`."""
+    reemit = event.resource.get(events.LABEL_REEMIT) == "true"
+    return f"{event.event} (re-emit)" if reemit else event.event
+
+
 def _event_line(event: Event, family: Family) -> str:
     detail = " ".join(f"{k}={short_text(str(event.payload[k]), 80)}" for k in SHOWN_PAYLOAD
                       if k in event.payload)
     role = family.role_of(event.resource.id) or "?"
     generation = generation_of(event)
-    return (f"  {event.occurred.astimezone(UTC):%Y-%m-%d %H:%M:%S}  {event.event:<30} "
+    return (f"  {event.occurred.astimezone(UTC):%Y-%m-%d %H:%M:%S}  {event_name(event):<40} "
             f"{role:<10} {'' if generation is None else f'gen {generation}':<22} {detail}"
             ).rstrip()
 
@@ -263,7 +271,7 @@ def follow_line(event: Event, name_of: Any) -> str:
     detail = " ".join(f"{k}={short_text(str(event.payload[k]), 80)}" for k in SHOWN_PAYLOAD
                       if k in event.payload)
     gen = "" if generation is None else f" (gen {generation})"
-    return (f"{event.occurred.astimezone(UTC):%Y-%m-%d %H:%M:%S}  {event.event:<30} "
+    return (f"{event.occurred.astimezone(UTC):%Y-%m-%d %H:%M:%S}  {event_name(event):<40} "
             f"{name}{gen}  {detail}").rstrip()
 
 
