@@ -21,18 +21,22 @@ from taxi_pipeline.stack.supervisor import BACKOFF_MAX, RestartPolicy, Superviso
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 CRASHER = [sys.executable, "-c", "raise SystemExit(2)"]
-# A bridge stand-in: fails like the real bridge when its port is taken, else runs.
-BRIDGE = [sys.executable, "-c", """
+# A bridge or exporter stand-in: fails like the real one when its port is taken, else runs.
+def port_part(variable: str) -> list[str]:
+    return [sys.executable, "-c", f"""
 import os, socket, sys, time
-port = int(os.environ["TAXI_BRIDGE_PORT"])
+port = int(os.environ["{variable}"])
 try:
     socket.create_server(("127.0.0.1", port))
 except OSError:
-    sys.exit(f"error: the bridge's health port {port} is already in use (Address already "
-             "in use); stop what listens there, or set TAXI_BRIDGE_PORT to a free port")
+    sys.exit(f"error: the part's port {{port}} is already in use (Address already "
+             "in use); stop what listens there, or set {variable} to a free port")
 print("listening", port, flush=True)
 time.sleep(600)
 """]
+
+
+BRIDGE = port_part("TAXI_BRIDGE_PORT")
 
 
 @pytest.fixture
@@ -121,23 +125,27 @@ def test_a_stop_during_the_backoff_restarts_nothing(stack: LocalStack) -> None:
     assert "restarted" not in out.getvalue()
 
 
-def test_a_bridge_that_lost_its_port_moves_to_a_free_one(stack: LocalStack) -> None:
+@pytest.mark.parametrize(("part", "attribute", "variable"), [
+    ("bridge", "bridge_port", "TAXI_BRIDGE_PORT"),
+    ("exporter", "exporter_port", "TAXI_MONITOR_PORT")])
+def test_a_part_that_lost_its_port_moves_to_a_free_one(
+        stack: LocalStack, part: str, attribute: str, variable: str) -> None:
     taken = socket.create_server(("127.0.0.1", 0))
     with taken:
         port = taken.getsockname()[1]
-        stack.bridge_port = port
-        stack.env["TAXI_BRIDGE_PORT"] = str(port)
-        bridge = stack.spawn("bridge", BRIDGE)
-        bridge.process.wait(timeout=30)
+        setattr(stack, attribute, port)
+        stack.env[variable] = str(port)
+        stack.spawn(part, port_part(variable)).process.wait(timeout=30)
         stopping: list[int] = []
         out = io.StringIO()
         Supervisor(stack, RestartPolicy(backoff=0.01), out=out,
                    on_restart=lambda *_: stopping.append(0)).run(stopping, poll=0.01)
-        moved = stack.process("bridge")
+        moved = stack.process(part)
         wait_until(lambda: "listening" in moved.log_since_start())
-        assert stack.bridge_port != port
-        assert f"listening {stack.bridge_port}" in moved.log_since_start()
-        assert f"bridge health now on port {stack.bridge_port}" in out.getvalue()
+        now = getattr(stack, attribute)
+        assert now != port
+        assert f"listening {now}" in moved.log_since_start()
+        assert f"{part} now on port {now}" in out.getvalue()
 
 
 def test_an_explicit_bridge_port_is_never_moved(

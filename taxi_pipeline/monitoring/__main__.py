@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 
-from taxi_pipeline.monitoring.exporter import run
+from taxi_pipeline.monitoring.exporter import MetricsPortInUse, run
 from taxi_pipeline.settings import get_settings
 
 
@@ -22,7 +22,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    asyncio.run(_main())
+    try:
+        asyncio.run(_main())
+    except MetricsPortInUse as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import threading
 import time
@@ -203,12 +204,25 @@ class _QuietHandler(WSGIRequestHandler):
         return
 
 
+class MetricsPortInUse(RuntimeError):
+    """The metrics port is taken by another process."""
+
+
 class MetricsServer:
     """`/metrics` (Prometheus) and `/healthz` (following the stream) on a thread."""
 
     def __init__(self, model: PipelineModel, port: int, host: str = "") -> None:
         self.model = model
-        self._server: WSGIServer = make_server(host, port, self.app, handler_class=_QuietHandler)
+        try:
+            self._server: WSGIServer = make_server(host, port, self.app,
+                                                   handler_class=_QuietHandler)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            # `up` reads this line to move the exporter when another process won the port.
+            raise MetricsPortInUse(
+                f"the exporter's metrics port {port} is already in use ({exc.strerror}); "
+                "stop what listens there, or set TAXI_MONITOR_PORT to a free port") from None
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
                                         name="exporter-http")
 

@@ -207,6 +207,11 @@ class ManagedProcess:
             self.process.wait(timeout=5)
 
 
+# The parts with a port of their own: (LocalStack attribute, variable, setting).
+MOVABLE_PORTS = {"bridge": ("bridge_port", "TAXI_BRIDGE_PORT", "bridge_port"),
+                 "exporter": ("exporter_port", "TAXI_MONITOR_PORT", "monitor_port")}
+
+
 @dataclass
 class LocalStack:
     """The processes of the local profile, as a context manager."""
@@ -381,12 +386,29 @@ class LocalStack:
             self.fork_server_socket.unlink(missing_ok=True)
             self.wait_fork_server(self.spawn(name, old.argv))
             return [name]
-        if name == "bridge" and self.bridge_port is not None and bridge_lost_its_port(
-                old, self.bridge_port) and not bridge_port_explicit(self.settings):
-            self.bridge_port = free_port(None)
-            self.env["TAXI_BRIDGE_PORT"] = str(self.bridge_port)
+        self._move_if_port_lost(old)
         self.spawn(name, old.argv)
         return [name]
+
+    def _move_if_port_lost(self, old: ManagedProcess) -> None:
+        """A part whose log says another process took its port at bind (a second `up`
+        starting at the same moment) moves to a free one, unless the user chose it."""
+        if old.name not in MOVABLE_PORTS:
+            return
+        attribute, variable, setting = MOVABLE_PORTS[old.name]
+        port = getattr(self, attribute)
+        chosen = setting in self.settings.model_fields_set or variable in os.environ
+        if port is None or chosen or not lost_its_port(old, port):
+            return
+        setattr(self, attribute, free_port(None))
+        self.env[variable] = str(getattr(self, attribute))
+
+    def port_of_part(self, name: str) -> int | None:
+        """The port `name` serves on, for the parts that have one."""
+        if name not in MOVABLE_PORTS:
+            return None
+        value = getattr(self, MOVABLE_PORTS[name][0])
+        return int(value) if value is not None else None
 
     def restart_server(self, kill: bool = False) -> None:
         """Stop (or SIGKILL) the server we started and start it again on the same port.
@@ -587,9 +609,10 @@ def exporter_port(settings: Settings, prefer_default: bool) -> int:
     return free_port(settings.monitor_port if prefer_default else None)
 
 
-def bridge_lost_its_port(bridge: ManagedProcess, port: int) -> bool:
-    """Whether the bridge's log since its start says its health port was taken at bind."""
-    return f"health port {port} is already in use" in bridge.log_since_start()
+def lost_its_port(part: ManagedProcess, port: int) -> bool:
+    """Whether a part's log since its start says its port was taken at bind (the bridge
+    and the exporter both say `... port N is already in use`)."""
+    return f"port {port} is already in use" in part.log_since_start()
 
 
 def flow_run_ids(processes: list[psutil.Process]) -> dict[int, str]:

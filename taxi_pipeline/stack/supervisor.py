@@ -167,9 +167,9 @@ class Supervisor:
             self.say(f"restarting {part} failed: {type(exc).__name__}: "
                      f"{str(exc).splitlines()[0] if str(exc) else ''}")
             return True
-        self.say(f"restarted {', '.join(restarted)}"
-                 + (f" (bridge health now on port {self.stack.bridge_port})"
-                    if "bridge" in restarted else ""))
+        ports = [f"{name} now on port {self.stack.port_of_part(name)}" for name in restarted
+                 if self.stack.port_of_part(name) is not None]
+        self.say(f"restarted {', '.join(restarted)}" + (f" ({'; '.join(ports)})" if ports else ""))
         if self.on_restart is not None:
             self.on_restart(part, restarted)
         self.emit(events.STACK_RESTARTED, part, code, log_path, restarted=restarted)
