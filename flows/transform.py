@@ -92,11 +92,16 @@ def quarantine(store: ObjectStore, obj: ObjectRef, error: BadInputFile, settings
 
 
 @task(cache_policy=NO_CACHE, retries=TRANSIENT_RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_unless(BadInputFile, ObjectNotFound, OutputSuperseded))
+      retry_condition_fn=retry_unless(ObjectNotFound, OutputSuperseded))
 def transform_object(
     store: ObjectStore, obj: ObjectRef, settings: Settings
-) -> tuple[TransformStats, ObjectRef, ObjectRef]:
+) -> tuple[TransformStats, ObjectRef, ObjectRef] | BadInputFile:
     """Stream the object through the transform; publish rejects, then processed.
+
+    A file that cannot be transformed at all is returned as its BadInputFile, not
+    raised: a quarantine is an outcome of the run, and a raised error would be
+    logged as a failed task (ERROR, with a traceback) for something no person
+    has to fix.
 
     An output already holding the same bytes is kept (same generation, no new
     notification): see `transform` for how its load is still started.
@@ -106,6 +111,14 @@ def transform_object(
     of one source converge on the newest: a lost race (PreconditionFailed) is
     retried and then finds the newer outputs (OutputSuperseded).
     """
+    try:
+        return _transform_object(store, obj, settings)
+    except BadInputFile as bad:
+        return bad
+
+
+def _transform_object(store: ObjectStore, obj: ObjectRef,
+                      settings: Settings) -> tuple[TransformStats, ObjectRef, ObjectRef]:
     processed_name = output_name(obj.name, settings.raw_prefix, settings.processed_prefix)
     rejects_name = output_name(obj.name, settings.raw_prefix, settings.rejects_prefix)
     processed_seen = output_state(store, processed_name, obj)
@@ -214,7 +227,10 @@ def transform(object_uri: str, generation: int | None = None,
         # failed counts as written, as it did make a new generation.
         before = current_generation(
             store, output_name(obj.name, settings.raw_prefix, settings.processed_prefix))
-        stats, processed, rejects = transient(transform_object, settings)(store, obj, settings)
+        outcome = transient(transform_object, settings)(store, obj, settings)
+        if isinstance(outcome, BadInputFile):
+            raise outcome
+        stats, processed, rejects = outcome
     except BadInputFile as error:
         kept = kept_in_warehouse(obj, settings)
         quarantine_uri = transient(quarantine, settings)(store, obj, error, settings, kept)

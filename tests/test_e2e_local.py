@@ -152,8 +152,12 @@ def test_the_event_feed_link_shows_every_event_of_the_objects_story(
             page = await client.read_events(filter=EventFilter(
                 any_resource=EventAnyResourceFilter(id_prefix=[uri]),
                 event=EventNameFilter(prefix=["pipeline.", "storage.object."]),
-                occurred=EventOccurredFilter(since=ctx.since)), limit=200)
-        return {str(e.id) for e in story.events}, {str(e.id) for e in page.events}
+                occurred=EventOccurredFilter(since=ctx.since)), limit=50)
+            linked = list(page.events)
+            while page.next_page:  # the UI pages 50 at a time too
+                page = await client.read_events_page(str(page.next_page))
+                linked += page.events
+        return {str(e.id) for e in story.events}, {str(e.id) for e in linked}
 
     told, linked = asyncio.run(both())
     assert len(told) >= 6  # finalized x2, transform started/completed, load started/completed
@@ -175,6 +179,12 @@ def test_a_file_that_is_not_parquet_is_quarantined(stack: LocalStack, tmp_path: 
     assert not (settings.bucket_dir / name).exists()
     assert DuckDBWarehouse(settings.warehouse_file).loaded(settings.table, uri) is None
     assert stack.process("bridge").alive()
+    # A quarantine is an outcome, not an error: no failed task, no ERROR line for it.
+    logs = "".join(stack.log_path(part).read_text(errors="replace")
+                   for part in ("worker", "flow-runs") if stack.log_path(part).exists())
+    assert "quarantined uri=" in logs
+    assert not [line for line in logs.splitlines()
+                if "BadInputFile" in line and ("ERROR" in line or "Failed" in line)]
 
 
 def test_a_truncated_parquet_file_is_quarantined(stack: LocalStack, tmp_path: Path) -> None:
