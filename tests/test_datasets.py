@@ -8,6 +8,7 @@ types come from the spec, so no cell is guessed.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import math
 from collections import Counter
@@ -379,3 +380,24 @@ def test_nanosecond_text_times_are_cut_to_microseconds(tmp_path: Path) -> None:
     stats, good, _ = transform(path, tmp_path / "out", "fhvhv", (2019, 2))
     assert stats.rows_out == 1
     assert good.column("pickup_datetime").to_pylist() == [datetime(2019, 2, 1, 0, 5, 18, 123456)]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_csv_from_an_open_handle_as_the_flow_passes_it(tlc_data_dir: Path, tmp_path: Path,
+                                                       packed: bool) -> None:
+    """The flow hands the store's open file: it is read three times (header, a month scan,
+    the rows) and stays the caller's to close."""
+    path = tlc_data_dir / "head.csv"
+    if packed:
+        path = gzipped(path, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    with path.open("rb") as handle:
+        stats = transform_file(handle, out / "p.parquet", out / "r.parquet",
+                               file_format="csv.gz" if packed else "csv", source_uri="x",
+                               source_generation=1, taxi_type="fhvhv", month=None,
+                               batch_rows=32)
+        gc.collect()  # pyarrow's wrappers are gone: the file is still open
+        assert not handle.closed
+    assert (stats.rows_in, stats.rows_out, stats.month, stats.month_source) == (
+        100, 100, (2021, 6), "data")

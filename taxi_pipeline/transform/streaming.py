@@ -629,12 +629,42 @@ CSV_MAX_HEADER = 1 << 20
 _DETAIL_LINE_CHARS = 80
 
 
+class _KeepOpen:
+    """The caller's file, lent to pyarrow: pyarrow closes a PythonFile's file when it is
+    done with (or collects) it, and the CSV is read more than once (header, months, rows)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle = handle
+
+    def read(self, size: int = -1) -> bytes:
+        return self._handle.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    def close(self) -> None:
+        """Not ours to close."""
+
+
 def _rewound(source: BinaryIO | Path | str) -> tuple[Any, bool]:
     """An open binary file at its start, and whether we opened it (so must close it)."""
     if isinstance(source, (str, Path)):
         return pa.OSFile(str(source), "rb"), True
     source.seek(0)
-    return pa.PythonFile(source, mode="r"), False
+    return pa.PythonFile(_KeepOpen(source), mode="r"), False
 
 
 def _text_stream(raw: Any, compressed: bool) -> Any:
