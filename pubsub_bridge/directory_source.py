@@ -153,6 +153,11 @@ class OpenForWriting:
         return False
 
 
+# Beside the bridge's state file: the files held back, for `taxi-pipeline status`.
+HELD_FILE = "bridge-held.json"
+HELD_REFRESH = 10.0
+
+
 @dataclass
 class _Watch:
     size: int
@@ -236,6 +241,10 @@ class DirectorySource:
         self._open: dict[str, set[int]] | None = None
         self._open_read = False
         self._dirty = False
+        # What `taxi-pipeline status` shows as held: name -> when first seen (epoch s).
+        self.held_path = state_path.with_name(HELD_FILE)
+        self.first_seen: dict[str, float] = {}
+        self._held_written: tuple[dict[str, float], float] = ({}, 0.0)
 
     def _load_state(self) -> None:
         try:
@@ -249,8 +258,27 @@ class DirectorySource:
             log.warning("state file %s is unreadable (%s); starting afresh", self.state_path, exc)
             self.done, self.reported = {}, {}
 
+    def report_held(self, wall: float | None = None) -> None:
+        """Write the files the bridge is holding back (still being written, or waiting
+        for their end marker) for `status`, when that changed or every HELD_REFRESH s,
+        so a report from a bridge that died goes stale and is ignored."""
+        wall = time.time() if wall is None else wall
+        for name in self.watching:
+            self.first_seen.setdefault(name, wall)
+        for name in [n for n in self.first_seen if n not in self.watching]:
+            del self.first_seen[name]
+        held, written_at = self._held_written
+        if held == self.first_seen and wall - written_at < HELD_REFRESH:
+            return
+        self.held_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.held_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"written": wall, "held": self.first_seen}, sort_keys=True))
+        os.replace(tmp, self.held_path)
+        self._held_written = (dict(self.first_seen), wall)
+
     def flush(self) -> None:
         """Write the confirmed set if it changed (atomically: temp file + rename)."""
+        self.report_held()
         if not self._dirty:
             return
         self.state_path.parent.mkdir(parents=True, exist_ok=True)

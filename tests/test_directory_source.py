@@ -763,3 +763,25 @@ def test_a_writer_finishing_between_the_footer_check_and_proc_is_not_announced_t
     finally:
         copy.handle.close()
     assert (ref.generation, ref.size) == (store.ref(BAD).generation, len(parquet))
+
+
+def test_files_held_back_are_reported_for_status(
+    store: LocalStore, tmp_path: Path, parquet: bytes
+) -> None:
+    """A file still being written (no footer yet, open for writing) is listed in the
+    held report with when it was first seen; once announced it leaves the report."""
+    from pubsub_bridge.directory_source import HELD_FILE
+
+    source = make_source(store, tmp_path, settle=0.5, stall=2.0)
+    path = write(store, GOOD, parquet[: len(parquet) // 2])
+    with path.open("ab") as writer:  # a copy in progress
+        assert source.scan(now=0.0) == []
+        assert source.scan(now=5.0) == []  # past the stall limit, but a writer holds it
+        source.report_held(wall=1_000.0)
+        report = json.loads((tmp_path / "state" / HELD_FILE).read_text())
+        assert report == {"written": 1_000.0, "held": {GOOD: 1_000.0}}
+        writer.write(parquet[len(parquet) // 2:])
+    assert [r.name for r in source.scan(now=6.0)] == [GOOD]
+    source.report_held(wall=1_001.0)
+    report = json.loads((tmp_path / "state" / HELD_FILE).read_text())
+    assert report == {"written": 1_001.0, "held": {}}

@@ -512,3 +512,36 @@ def test_status_with_no_server_shows_the_bucket_and_says_events_are_unavailable(
     out, err = capsys.readouterr()
     assert json.loads(out)["object"]["stage"] == "landed"
     assert "events unavailable" in err
+
+
+def test_a_file_the_bridge_holds_back_is_waiting_not_stalled(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bridge's held report (a writer still has the file open) makes the board say
+    why the file waits, and --stalled leave it out, however long the copy takes."""
+    import os
+    import time
+
+    from taxi_pipeline.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    settings = Settings()
+    name = "raw/yellow/2024/yellow_tripdata_2024-03.parquet"
+    path = settings.bucket_dir / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PAR1" + b"\0" * 16)  # half a file: no footer yet
+    long_ago = time.time() - 3600
+    os.utime(path, (long_ago, long_ago))
+    assert main(["status", "--stalled"]) == 0
+    assert name in capsys.readouterr().out  # without the report: stalled
+    (settings.home / "bridge-held.json").write_text(json.dumps(
+        {"written": time.time(), "held": {name: time.time() - 42}}))
+    assert main(["status"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if name in x)
+    assert line.split()[0] == "landed" and "waiting for the writer to finish, 4" in line
+    assert main(["status", "--stalled"]) == 0
+    assert name not in capsys.readouterr().out
+    # A report its bridge stopped refreshing (the bridge is gone) is ignored.
+    (settings.home / "bridge-held.json").write_text(json.dumps(
+        {"written": time.time() - 600, "held": {name: time.time() - 700}}))
+    assert main(["status", "--stalled"]) == 0
+    assert name in capsys.readouterr().out

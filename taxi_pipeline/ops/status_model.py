@@ -16,6 +16,7 @@ never a traceback. How it is printed lives in status_view.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -454,6 +455,38 @@ def classify(family: Family, refs: dict[str, ObjectRef], found: Iterable[Event],
     return row
 
 
+# The local bridge's report of the files it holds back (pubsub_bridge.directory_source
+# writes it, refreshed every 10 s); older than this, its bridge is not running.
+HELD_FILE = "bridge-held.json"
+HELD_STALE = timedelta(seconds=30)
+
+
+def held_files(settings: Settings, now: datetime) -> dict[str, datetime]:
+    """Raw files the running local bridge holds back (a writer still has them open, or
+    their end marker has not arrived), with when it first saw them; {} otherwise."""
+    if settings.profile != "local":
+        return {}
+    try:
+        report = json.loads((settings.home / HELD_FILE).read_text())
+        written = datetime.fromtimestamp(float(report["written"]), UTC)
+        held = {str(name): datetime.fromtimestamp(float(since), UTC)
+                for name, since in report["held"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    return held if now - written <= HELD_STALE else {}
+
+
+def mark_held(row: Row, family: Family, held: dict[str, datetime], now: datetime) -> Row:
+    """A row whose raw file the bridge holds back: landed and waiting, never stalled."""
+    since = held.get(family.names.get(RAW, family.name))
+    if since is None or row.stage not in (LANDED, STALLED):
+        return row
+    row.stage = LANDED
+    row.reason = (f"waiting for the writer to finish, "
+                  f"{duration_text(max(0.0, (now - since).total_seconds()))}")
+    return row
+
+
 def duration_text(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f}s"
@@ -478,6 +511,8 @@ class Context:
     # No Prefect server to ask (none running, none configured): the bucket and the
     # load log still answer, and the events are simply not read.
     offline: bool = False
+    # Raw files the local bridge holds back (still being written): name -> since when.
+    held: dict[str, datetime] = field(default_factory=dict)
 
     @property
     def since(self) -> datetime:
@@ -667,9 +702,10 @@ async def board(ctx: Context, prefix: str, loads: dict[str, LoadRecord]) -> list
     ordered = sorted(families.items(), key=lambda item: item[1].name)
 
     def row_of(key: str, family: Family, queued: bool = False) -> Row:
-        return classify(family, refs.get(key, {}), by_family.get(key, []),
-                        load_of(family, loads), now=ctx.now, older_than=ctx.older_than,
-                        queued=queued)
+        row = classify(family, refs.get(key, {}), by_family.get(key, []),
+                       load_of(family, loads), now=ctx.now, older_than=ctx.older_than,
+                       queued=queued)
+        return mark_held(row, family, ctx.held, ctx.now)
 
     rows = [row_of(key, family) for key, family in ordered]
     # A row about to be called stalled gets a second look: a queued run means on its way.
@@ -689,6 +725,8 @@ def stalled_rows(ctx: Context, rows: list[Row]) -> list[Row]:
     found: list[Row] = []
     for item in find_stalled(ctx.store, ctx.warehouse, ctx.settings, ctx.older_than, ctx.now):
         row = by_uri.get(item.obj.uri)
+        if item.obj.name in ctx.held:
+            continue  # still being written: not stalled, and reconcile must not hurry it
         if row is not None:
             row.why_stalled = item.why
             found.append(row)

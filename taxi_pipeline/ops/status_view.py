@@ -35,6 +35,8 @@ from taxi_pipeline.ops.status_model import (
     classify,
     duration_text,
     generation_of,
+    held_files,
+    mark_held,
     parse_target,
     queued_uris,
     role_prefixes,
@@ -193,8 +195,9 @@ async def status(settings: Settings, target: str | None, *, stalled: bool = Fals
 async def _status(settings: Settings, target: str | None, stalled: bool, as_json: bool,
                   older_than: timedelta, offline: bool = False) -> int:
     store = store_from_settings(settings)
-    ctx = Context(settings, store, warehouse_from_settings(settings), datetime.now(UTC),
-                  older_than, offline=offline)
+    now = datetime.now(UTC)
+    ctx = Context(settings, store, warehouse_from_settings(settings), now, older_than,
+                  offline=offline, held=held_files(settings, now))
     parsed = parse_target(target, settings, store)
     loads = ctx.loads()
     prefix = parsed.prefix
@@ -219,8 +222,9 @@ async def _status(settings: Settings, target: str | None, stalled: bool, as_json
                 _report(ctx)
                 raise StatusError(_not_found(target or "", ctx, parsed))
     if story is not None and story.known:
-        row = classify(story.family, story.refs, story.events, story.load,
-                       now=ctx.now, older_than=older_than)
+        row = mark_held(classify(story.family, story.refs, story.events, story.load,
+                                 now=ctx.now, older_than=older_than),
+                        story.family, ctx.held, ctx.now)
         if row.stage == STALLED and (await queued_uris(ctx)).intersection(
                 story.family.uris.values()):
             row = classify(story.family, story.refs, story.events, story.load,
