@@ -173,6 +173,8 @@ def test_a_file_that_is_not_parquet_is_quarantined(stack: LocalStack, tmp_path: 
     quarantined = wait_events([events.OBJECT_QUARANTINED], uri, timeout=LOAD_TIMEOUT)
     assert quarantined[0].payload["reason"] == "not_parquet"
     assert "parquet" in quarantined[0].payload["detail"]
+    assert "supported formats are .parquet, .csv and .csv.gz" in \
+        quarantined[0].payload["detail"]
     quarantine_path = settings.bucket_dir / settings.quarantine_prefix / "yellow/2023" / \
         "yellow_tripdata_2023-07.parquet"
     assert quarantine_path.read_text().startswith("VendorID")

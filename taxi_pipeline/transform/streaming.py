@@ -78,6 +78,10 @@ ROW_GROUP_BYTES = 128 * 2**20
 # statistics for the per-file constants and the Y/N flags.
 _NO_STATISTICS = ("taxi_type", "source_uri")
 
+# Said in every "what is this file" reason, so a person knows what to upload instead.
+SUPPORTED_FORMATS = (".parquet, .csv and .csv.gz, named <dataset>_tripdata_YYYY-MM.<ext> "
+                     "(yellow, green, fhv, fhvhv)")
+
 
 def _write_options(spec: DatasetSpec) -> dict[str, Any]:
     plain = {f.name for f in spec.data_fields
@@ -520,7 +524,8 @@ def _open_parquet(source: BinaryIO | Path | str | pq.ParquetFile) -> pq.ParquetF
     try:
         return pq.ParquetFile(source)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise BadInputFile("not_parquet", f"not a readable parquet file ({exc})") from exc
+        raise BadInputFile("not_parquet", f"not a readable parquet file ({exc}); the "
+                           f"supported formats are {SUPPORTED_FORMATS}") from exc
 
 
 def _unknown_dataset(taxi_type: str | None, names: list[str]) -> BadInputFile:
