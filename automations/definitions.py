@@ -42,8 +42,9 @@ ALERT_FAILED_RUN = "taxi-pipeline: transform/load/download run crashed or failed
 ALERT_FAILED_ACTION = "taxi-pipeline: automation action failed -> alert"
 ALERT_ALL_REJECTED = "taxi-pipeline: every row of a file rejected -> alert"
 ALERT_NO_DATA = "taxi-pipeline: no raw object landed -> alert"
+ALERT_STACK = "taxi-pipeline: up restarted a crashed part -> alert"
 ALERTS = (ALERT_FAILED_RUN, ALERT_FAILED_ACTION, ALERT_ALL_REJECTED, ALERT_EXHAUSTED,
-          ALERT_NO_DATA)
+          ALERT_NO_DATA, ALERT_STACK)
 
 # What the recover flow is given; it reads the rest (the run's parameters, or the
 # failed action's triggering event) from the API.
@@ -169,6 +170,16 @@ def alert_automations(watched_deployment_ids: list[UUID], block_document_id: UUI
                block_document_id,
                "taxi-pipeline: {{ event.resource.id }} needs a person",
                "{{ event.payload.message }}"),
+        _alert(ALERT_STACK,
+               "Tell a person when `taxi-pipeline up` restarted a part that crashed (server, "
+               "worker, bridge, fork server, PostgreSQL, exporter), or gave up on one: the "
+               "pipeline healed, but something made it crash.",
+               _reactive({events.STACK_RESTARTED, events.STACK_GAVE_UP}),
+               block_document_id,
+               "taxi-pipeline: {{ event.event }} {{ event.resource['pipeline.stack.part'] }}",
+               "{{ event.resource.id }}: exit code {{ event.payload.exit_code }}, "
+               "{{ event.payload.crashes_in_window }} crash(es) in "
+               "{{ event.payload.window_seconds }} s; log {{ event.payload.log }}"),
     ]
     if no_data_hours > 0:
         found.append(_alert(

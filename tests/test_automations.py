@@ -99,6 +99,15 @@ def test_all_rejected_and_recovery_exhausted_alert_on_their_events() -> None:
         assert t.for_each == {"prefect.resource.id"}
 
 
+def test_a_part_up_restarted_or_gave_up_on_alerts() -> None:
+    from automations.definitions import ALERT_STACK
+
+    t = trigger(by_name()[ALERT_STACK])
+    assert t.expect == {events.STACK_RESTARTED, events.STACK_GAVE_UP}
+    assert t.posture == Posture.Reactive and t.threshold == 1
+    assert t.for_each == {"prefect.resource.id"}
+
+
 def test_no_raw_object_for_hours_is_a_proactive_alert() -> None:
     t = trigger(by_name(hours=6)[ALERT_NO_DATA])
     assert t.posture == Posture.Proactive
