@@ -401,3 +401,21 @@ def test_csv_from_an_open_handle_as_the_flow_passes_it(tlc_data_dir: Path, tmp_p
         assert not handle.closed
     assert (stats.rows_in, stats.rows_out, stats.month, stats.month_source) == (
         100, 100, (2021, 6), "data")
+
+
+def test_a_csv_source_and_its_parquet_outputs_are_one_family(tmp_path: Path) -> None:
+    """The status board follows raw/x.csv.gz to processed/x.csv.gz.parquet as one object."""
+    from taxi_pipeline.ops.status_model import PROCESSED, RAW, REJECTS, Family, split_name
+    from taxi_pipeline.settings import Settings
+    from taxi_pipeline.storage.local import LocalStore
+
+    settings = Settings(profile="local", home=tmp_path)
+    store = LocalStore(settings.bucket_dir)
+    raw = "raw/green/2020/green_tripdata_2020-10.csv.gz"
+    family = Family.of(raw, settings, store)
+    assert family.names[PROCESSED] == "processed/green/2020/green_tripdata_2020-10.csv.gz.parquet"
+    assert family.names[REJECTS] == "rejects/green/2020/green_tripdata_2020-10.csv.gz.parquet"
+    assert split_name(family.names[PROCESSED], settings) == (PROCESSED, raw.split("/", 1)[1])
+    assert Family.of(family.names[PROCESSED], settings, store).names[RAW] == raw
+    parquet = Family.of("processed/green/2024/green_tripdata_2024-01.parquet", settings, store)
+    assert parquet.names[RAW] == "raw/green/2024/green_tripdata_2024-01.parquet"
