@@ -31,7 +31,9 @@ from support.emulators import (
     fake_gcs_server,
 )
 
+from taxi_pipeline.datasets.registry import SPECS, table_for
 from taxi_pipeline.datasets.schema import CANONICAL_SCHEMA
+from taxi_pipeline.datasets.zones import zone_table
 from taxi_pipeline.settings import Settings
 from taxi_pipeline.sources.sample_data import generate_month, write_month
 from taxi_pipeline.transform.streaming import transform_parquet
@@ -1028,3 +1030,48 @@ def test_an_empty_first_load_runs_no_unbounded_merge(
         assert all(part in sql for part in BOUNDED)
     assert warehouse.rows_for(TABLE, YELLOW_URI) == 0
     assert warehouse.rows_for(TABLE, GREEN_URI) == other.rows
+
+
+# -- every dataset's table, and zones (issue 17) -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fhv", "fhvhv"])
+def test_for_hire_tables_have_their_schema_and_replace_by_generation(
+        warehouse: BigQueryWarehouse, stack: Stack, name: str) -> None:
+    spec = SPECS[name]
+    table = spec.table
+    uri = f"gs://{BUCKET}/raw/{name}/2024/{name}_tripdata_2024-01.csv.gz"
+    first = stack.processed(dataset=name, source_uri=uri, rows=1_200, seed=1)
+    assert load(warehouse, first, table=table, schema=spec.schema).rows == first.rows
+    created = warehouse.client.get_table(f"{PROJECT}.{warehouse.dataset}.{table}")
+    assert [f.name for f in created.schema] == spec.schema.names
+    types = {f.name: f.field_type for f in created.schema}
+    assert types["pickup_datetime"] == types["dropoff_datetime"] == "DATETIME"
+    assert created.time_partitioning is not None
+    assert (created.time_partitioning.type_, created.time_partitioning.field) == (
+        "MONTH", "pickup_datetime")
+    assert created.clustering_fields == ["source_uri"]
+    # the user uploads the month again (a new generation, other rows): replaced, not added
+    second = stack.processed(dataset=name, source_uri=uri, source_generation=2, rows=900,
+                             seed=2)
+    result = load(warehouse, second, table=table, schema=spec.schema)
+    assert (result.status, result.rows, result.replaced_rows) == (
+        "loaded", second.rows, first.rows)
+    [(n,)] = query(warehouse, f"SELECT COUNT(*) FROM `{PROJECT}.{warehouse.dataset}.{table}`")
+    assert n == second.rows
+    assert load(warehouse, second, table=table, schema=spec.schema).status == "already_loaded"
+
+
+def test_zones_and_every_table_are_made_by_the_deploy_step(
+        warehouse: BigQueryWarehouse, stack: Stack) -> None:
+    warehouse.ensure_tables({table_for(n): spec.schema for n, spec in SPECS.items()})
+    assert {"trips", "fhv_trips", "fhvhv_trips"} <= tables(warehouse)
+    assert warehouse.load_zones(zone_table(), "zones") == 265
+    assert warehouse.load_zones(zone_table(), "zones") == 265  # replaced, not appended
+    p = stack.processed()
+    load(warehouse, p)
+    rows = query(warehouse, "SELECT z.borough, COUNT(*) FROM {t} t JOIN "
+                 f"`{PROJECT}.{warehouse.dataset}.zones` z "
+                 "ON t.pickup_location_id = z.location_id GROUP BY 1")
+    assert sum(n for _, n in rows) == p.rows
+    assert {"Manhattan", "Queens"} <= {b for b, _ in rows}
