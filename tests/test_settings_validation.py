@@ -132,7 +132,7 @@ def test_deploy_main_checks_only_the_names_it_is_given(monkeypatch: pytest.Monke
 
     use_env(monkeypatch, TAXI_PROFILE="gcp")
     called: list[Settings] = []
-    monkeypatch.setattr(deploy, "deploy", called.append)
+    monkeypatch.setattr(deploy, "deploy", lambda settings, _template: called.append(settings))
     deploy.main(["--image", "europe-west4-docker.pkg.dev/acme/r/taxi-pipeline:1"])
     assert len(called) == 1
     with pytest.raises(SystemExit) as exited:
@@ -147,7 +147,7 @@ def test_deploy_main_passes_valid_gcp_settings_on(monkeypatch: pytest.MonkeyPatc
     use_env(monkeypatch, TAXI_PROFILE="gcp", TAXI_GCP_PROJECT="acme-data-prod",
             TAXI_BUCKET="acme-tlc-landing")
     called: list[Settings] = []
-    monkeypatch.setattr(deploy, "deploy", called.append)
+    monkeypatch.setattr(deploy, "deploy", lambda settings, _template: called.append(settings))
     deploy.main(["--image", "europe-west4-docker.pkg.dev/acme/r/taxi-pipeline:1"])
     assert [s.gcp_project for s in called] == ["acme-data-prod"]
 
