@@ -108,13 +108,6 @@ REQUIRED_COLUMNS = (
 )
 
 
-def dataset_from_schema(source: pa.Schema) -> str | None:
-    """The dataset a file's columns say, or None (see registry.dataset_from_columns)."""
-    from taxi_pipeline.datasets.registry import dataset_from_columns
-
-    return dataset_from_columns(source)
-
-
 from taxi_pipeline.datasets.base import SchemaMismatch  # noqa: E402  (re-exported)
 
 __all__ = ["CANONICAL_SCHEMA", "REJECTS_SCHEMA", "SchemaMismatch", "resolve_columns"]
