@@ -214,3 +214,27 @@ def test_metrics_server_serves_metrics_and_health(tmp_path: Path) -> None:
         assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
     finally:
         server.stop()
+
+
+def test_a_raw_object_loaded_into_another_datasets_table_is_not_stalled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fhv and fhvhv rows go to their own tables: the scan reads every dataset's table."""
+    from taxi_pipeline.monitoring import exporter
+    from taxi_pipeline.storage.local import LocalStore
+
+    settings = _settings(tmp_path, reconcile_after_minutes=10)
+    path = settings.bucket_dir / "raw" / "fhvhv" / "2024" / "fhvhv_tripdata_2024-01.parquet"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"loaded bytes")
+    hour_ago = (datetime.now(UTC) - timedelta(hours=1)).timestamp()
+    os.utime(path, (hour_ago, hour_ago))
+    ref = LocalStore(settings.bucket_dir).ref("raw/fhvhv/2024/fhvhv_tripdata_2024-01.parquet")
+
+    class Log:
+        def loads(self) -> list[dict[str, object]]:
+            return [{"table_name": "fhvhv_trips", "source_uri": ref.uri,
+                     "source_generation": ref.generation, "object_uri": "", "rows": 5,
+                     "loaded_at": None}]
+
+    monkeypatch.setattr(exporter, "warehouse_from_settings", lambda _: Log())
+    assert exporter.scan(settings).stalled == {}

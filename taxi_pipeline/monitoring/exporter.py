@@ -32,6 +32,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from taxi_pipeline.datasets.registry import tables
 from taxi_pipeline.monitoring.pipeline_metrics import PipelineMetrics, PipelineModel, ScanResult
 from taxi_pipeline.objects import dataset_of
 from taxi_pipeline.ops.reconcile import find_stalled
@@ -160,7 +161,9 @@ def scan(settings: Settings, now: datetime | None = None) -> ScanResult:
     """The stalled and unloaded raw objects now, by the reconcile logic (blocking I/O)."""
     now = now or datetime.now(UTC)
     store = store_from_settings(settings)
-    loads = cast(Warehouse, _LoadLog(load_log(warehouse_from_settings(settings), settings.table)))
+    # Every dataset's table (trips, fhv_trips, fhvhv_trips), as status reads the log.
+    loads = cast(Warehouse, _LoadLog(load_log(warehouse_from_settings(settings),
+                                              tuple(tables(settings.table).values()))))
     stalled_after = timedelta(minutes=settings.reconcile_after_minutes)
     stalled: dict[str, int] = {}
     oldest_stalled: float | None = None
