@@ -164,6 +164,35 @@ def test_uploads_reach_bigquery_once(chain: tuple[LocalStack, Warehouse],
     assert stack.process("bridge").alive()
 
 
+def test_every_dataset_and_format_reaches_its_bigquery_table(
+        chain: tuple[LocalStack, Warehouse], tmp_path: Path) -> None:
+    """A green CSV.gz month and an fhvhv month, uploaded to the bucket, land in `trips` and
+    `fhvhv_trips` through the same chain; the tables carry the specs' schemas, and a
+    re-upload (a new generation) replaces the rows, never adds to them."""
+    from taxi_pipeline.datasets.registry import spec_for, table_for
+
+    stack, warehouse = chain
+    settings = stack.settings
+    months = {
+        raw_object_name(settings.raw_prefix, "green", 2020, 10, "csv.gz"):
+            generate_month("green", 2020, 10, 3_000, seed=31, file_format="csv.gz"),
+        raw_object_name(settings.raw_prefix, "fhvhv", 2024, 3):
+            generate_month("fhvhv", 2024, 3, 3_000, seed=32),
+    }
+    uploaded = {name: upload(sample, tmp_path, name) for name, sample in months.items()}
+    for name, (uri, generation) in uploaded.items():
+        dataset = name.split("/")[1]
+        table = table_for(dataset, settings.table)
+        assert wait_loaded(warehouse, table, uri, generation) == months[name].expected_good
+        bq_table = warehouse.client.get_table(  # type: ignore[attr-defined]
+            f"{PROJECT}.{settings.bq_dataset}.{table}")
+        assert [f.name for f in bq_table.schema] == spec_for(dataset).schema.names
+    name = raw_object_name(settings.raw_prefix, "fhvhv", 2024, 3)
+    uri, generation = upload(months[name], tmp_path, name)  # the same bytes, again
+    assert wait_loaded(warehouse, "fhvhv_trips", uri, generation) == months[name].expected_good
+    assert warehouse.rows_for("fhvhv_trips", uri) == months[name].expected_good
+
+
 def wait_bridge_listening(stack: LocalStack, timeout: float = 60) -> None:
     """Until the bridge answers on /metrics (it starts last, after the deployments)."""
     deadline = time.monotonic() + timeout

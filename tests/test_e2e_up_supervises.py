@@ -43,17 +43,25 @@ pytestmark = pytest.mark.e2e
 FILES = int(os.environ.get("TAXI_TEST_SUPERVISED_BURST", "100"))
 
 
-def _pid_running(home: Path, *words: str) -> Callable[[], int | None]:
-    """The pid of this stack's process whose command line holds every one of `words`."""
+def _pid_running(up: subprocess.Popen[str], *words: str) -> Callable[[], int | None]:
+    """The pid of the part `up` started whose command line holds every one of `words`.
+
+    A child of `up` itself: the fork server's forked flow runs carry its command line
+    too, and after pid wrap-around one can list before it.
+    """
 
     def find() -> int | None:
-        for pid in processes_of(home):
+        try:
+            children = psutil.Process(up.pid).children()
+        except psutil.Error:
+            return None
+        for child in children:
             try:
-                cmdline = " ".join(psutil.Process(pid).cmdline())
+                cmdline = " ".join(child.cmdline())
             except psutil.Error:
                 continue
             if all(word in cmdline for word in words):
-                return pid
+                return child.pid
         return None
 
     return find
@@ -119,10 +127,10 @@ def supervised_burst(up: subprocess.Popen[str], home: Path, tmp_path: Path) -> N
     settings = Settings(profile="local", home=home)
     files = make_burst(FILES, tmp_path / "burst", settings, first_year=2040)
     parts = [
-        ("prefect-server", _pid_running(home, "taxi_pipeline.stack.prefect_server_start")),
-        ("worker", _pid_running(home, "taxi_pipeline.stack.prefect_worker_start")),
-        ("bridge", _pid_running(home, "-m pubsub_bridge")),
-        ("flow-runs", _pid_running(home, "taxi_pipeline.stack.warm_runs", "serve")),
+        ("prefect-server", _pid_running(up, "taxi_pipeline.stack.prefect_server_start")),
+        ("worker", _pid_running(up, "taxi_pipeline.stack.prefect_worker_start")),
+        ("bridge", _pid_running(up, "-m pubsub_bridge")),
+        ("flow-runs", _pid_running(up, "taxi_pipeline.stack.warm_runs", "serve")),
         ("postgres", _postmaster(home)),
     ]
     for name, find in parts:
