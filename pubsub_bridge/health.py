@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pubsub_bridge.metrics import BridgeMetrics
+from taxi_pipeline.monitoring.http_server import MetricsHttpServer, PortInUse
 
 log = logging.getLogger(__name__)
 
@@ -85,58 +81,19 @@ async def _check_loop(name: str, check: Callable[[], Awaitable[object]], state: 
         await sleep_or_stop(stop, every)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds
-        return
+# The bridge's port taken at start (`python -m pubsub_bridge` says so in one line).
+HealthPortInUse = PortInUse
 
 
-class HealthPortInUse(RuntimeError):
-    """The health and metrics port is taken by another process."""
+class HealthServer(MetricsHttpServer):
+    """The bridge's /metrics, and /healthz from the dependencies' last probes."""
 
-
-class HealthServer:
     def __init__(self, state: HealthState, metrics: BridgeMetrics, required: list[str],
                  port: int, host: str = "0.0.0.0") -> None:
         self.state = state
         self.metrics = metrics
         self.required = required
-        try:
-            self._server: WSGIServer = make_server(host, port, self.app,
-                                                   handler_class=_QuietHandler)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            # `up` reads this line to move the bridge when another process won the port.
-            raise HealthPortInUse(
-                f"the bridge's health port {port} is already in use ({exc.strerror}); "
-                "stop what listens there, or set TAXI_BRIDGE_PORT to a free port") from None
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="bridge-health")
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_port)
-
-    def app(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path == "/metrics":
-            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
-            return [generate_latest(self.metrics.registry)]
-        if path == "/healthz":
-            problems = self.state.problems(self.required)
-            body = ("ok\n" if not problems else "\n".join(problems) + "\n").encode()
-            start_response("200 OK" if not problems else "503 Service Unavailable",
-                           [("Content-Type", "text/plain")])
-            return [body]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /healthz or /metrics\n"]
-
-    def start(self) -> HealthServer:
-        self._thread.start()
-        log.info("health and metrics on port %d (/healthz, /metrics)", self.port)
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        super().__init__(lambda: self.metrics.registry,
+                         lambda: self.state.problems(self.required), port, host,
+                         what="bridge's health", variable="TAXI_BRIDGE_PORT",
+                         thread_name="bridge-health")

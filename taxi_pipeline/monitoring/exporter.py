@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from taxi_pipeline.datasets.registry import tables
+from taxi_pipeline.monitoring.http_server import MetricsHttpServer, PortInUse
 from taxi_pipeline.monitoring.pipeline_metrics import PipelineMetrics, PipelineModel, ScanResult
 from taxi_pipeline.objects import dataset_of
 from taxi_pipeline.ops.reconcile import find_stalled
@@ -202,59 +198,20 @@ async def scan_loop(model: PipelineModel, settings: Settings, stop: asyncio.Even
             await asyncio.wait_for(stop.wait(), settings.monitor_scan_seconds)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # scraped every few seconds
-        return
+# The exporter's port taken at start (`python -m taxi_pipeline.monitoring` says so).
+MetricsPortInUse = PortInUse
 
 
-class MetricsPortInUse(RuntimeError):
-    """The metrics port is taken by another process."""
-
-
-class MetricsServer:
+class MetricsServer(MetricsHttpServer):
     """`/metrics` (Prometheus) and `/healthz` (following the stream) on a thread."""
 
     def __init__(self, model: PipelineModel, port: int, host: str = "") -> None:
         self.model = model
-        try:
-            self._server: WSGIServer = make_server(host, port, self.app,
-                                                   handler_class=_QuietHandler)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            # `up` reads this line to move the exporter when another process won the port.
-            raise MetricsPortInUse(
-                f"the exporter's metrics port {port} is already in use ({exc.strerror}); "
-                "stop what listens there, or set TAXI_MONITOR_PORT to a free port") from None
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        name="exporter-http")
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_port)
-
-    def app(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path == "/metrics":
-            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
-            return [generate_latest(self.model.metrics.registry)]
-        if path == "/healthz":
-            ok = self.model.connected
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "text/plain")])
-            return [b"ok\n" if ok else b"not following the Prefect event stream\n"]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics or /healthz\n"]
-
-    def start(self) -> MetricsServer:
-        self._thread.start()
-        log.info("pipeline metrics on port %d (/metrics, /healthz)", self.port)
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        super().__init__(
+            lambda: self.model.metrics.registry,
+            lambda: [] if self.model.connected else ["not following the Prefect event stream"],
+            port, host, what="exporter's metrics", variable="TAXI_MONITOR_PORT",
+            thread_name="exporter-http")
 
 
 async def run(settings: Settings, stop: asyncio.Event, port: int | None = None) -> None:
