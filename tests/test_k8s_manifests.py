@@ -358,7 +358,7 @@ def test_bridge_liveness_does_not_depend_on_prefect(any_docs: list[dict[str, Any
     else:
         assert "tcpSocket" in liveness, liveness
     # The HTTP server serves /metrics without asking Prefect or Pub/Sub anything.
-    source = (REPO / "pubsub_bridge" / "health.py").read_text()
+    source = (REPO / "taxi_pipeline" / "monitoring" / "http_server.py").read_text()
     metrics_branch = source.split('if path == "/metrics":')[1].split("if path ==")[0]
     assert "problems" not in metrics_branch and "state" not in metrics_branch
 
